@@ -1,0 +1,87 @@
+"""Async client for APIMart's image API: upload, submit, poll and download at scale.
+
+>>> from apimart_async import AsyncApimart
+>>> async def main() -> None:
+...     async with AsyncApimart() as client:  # key from APIMART_API_KEY
+...         task = await client.generate(model="gemini-3-pro-image-preview", prompt="a fox")
+...         await client.download(task, "out/")
+
+Public submodules: ``apimart_async.models`` (per-model request models),
+``apimart_async.types`` (results and events), ``apimart_async.testing`` (FakeApimart).
+"""
+
+from __future__ import annotations
+
+from ._client import NOT_GIVEN, AsyncApimart
+from ._config import Limits, PollPolicy, RetryPolicy
+from ._exceptions import (
+    APIConnectionError,
+    ApimartError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InsufficientBalanceError,
+    InvalidImageError,
+    InvalidRequestError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    ResultExpiredError,
+    ServerError,
+    SubmissionUncertainError,
+    TaskCancelledError,
+    TaskError,
+    TaskFailedError,
+    TaskTimeoutError,
+    UnknownModelError,
+)
+from ._version import __version__
+from .types import Event, Outcome, Task, TaskStatus, UploadedImage
+
+__all__ = [
+    "NOT_GIVEN",
+    "APIConnectionError",
+    "APIResponseValidationError",
+    "APIStatusError",
+    "APITimeoutError",
+    "ApimartError",
+    "AsyncApimart",
+    "AuthenticationError",
+    "BadRequestError",
+    "ConflictError",
+    "Event",
+    "InsufficientBalanceError",
+    "InvalidImageError",
+    "InvalidRequestError",
+    "Limits",
+    "NotFoundError",
+    "Outcome",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "PollPolicy",
+    "RateLimitError",
+    "ResultExpiredError",
+    "RetryPolicy",
+    "ServerError",
+    "SubmissionUncertainError",
+    "Task",
+    "TaskCancelledError",
+    "TaskError",
+    "TaskFailedError",
+    "TaskStatus",
+    "TaskTimeoutError",
+    "UnknownModelError",
+    "UploadedImage",
+    "__version__",
+]
+
+# Show public objects as ``apimart_async.X`` in reprs and tracebacks (as httpx does).
+for _name in __all__:
+    _obj = globals()[_name]
+    if isinstance(_obj, type):
+        _obj.__module__ = __name__
+del _name, _obj

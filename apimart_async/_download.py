@@ -1,0 +1,205 @@
+"""Result images to disk: streamed, checked, size-capped, atomic, and key-free.
+
+Result URLs live on other hosts (``upload.<domain>``) and are public, so requests for
+them never carry the API key: the shared pool has no credentials, and the request is
+sent with ``auth=None`` and without an ``Authorization`` header even when the caller
+lent us an ``httpx.AsyncClient`` configured with one. Each image streams into a hidden
+temporary file in the destination directory, is checked by its magic bytes and a size
+cap, and is renamed into place only when whole; a download is all or nothing: if one
+image fails, the files this call already placed are removed again.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import httpx
+
+from ._exceptions import APIResponseValidationError, ResultExpiredError, status_error_class
+from ._http import map_transport_error
+from ._uploads import sniff_image_type
+from .types import Task, TaskStatus
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import Sequence
+
+    from ._http import RetryingCall
+
+__all__ = ["download_images"]
+
+_EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+CHUNK = 256 * 1024
+
+
+def safe_stem(text: str) -> str:
+    """A file-name stem from untrusted text: no separators, no dot-files, bounded."""
+    stem = _UNSAFE.sub("_", text).strip("._") or "image"
+    return stem[:120]
+
+
+def _targets(
+    task: Task | Sequence[str], names: Sequence[str] | None
+) -> tuple[list[str], list[str], Task | None]:
+    if isinstance(task, Task):
+        if task.status is not TaskStatus.COMPLETED:
+            raise ValueError(f"task {task.id} is {task.status.value}, not completed")
+        if not task.image_urls:
+            raise APIResponseValidationError(
+                f"completed task {task.id} lists no result URLs", status_code=200
+            )
+        urls = list(task.image_urls)
+        stems = [f"{safe_stem(task.id)}_{i}" for i in range(len(urls))]
+        owner: Task | None = task
+    else:
+        if isinstance(task, str):
+            raise TypeError("pass a Task or a list of URLs, not a single string")
+        urls = list(task)
+        stems = [f"image_{i}" for i in range(len(urls))]
+        owner = None
+    if names is not None:
+        if len(names) != len(urls):
+            raise ValueError(f"names has {len(names)} entries for {len(urls)} images")
+        stems = [safe_stem(Path(n).name) for n in names]
+    for url in urls:
+        scheme = httpx.URL(url).scheme
+        if scheme not in ("http", "https"):
+            raise APIResponseValidationError(
+                f"refusing to fetch a result URL with scheme {scheme!r}",
+                status_code=200,
+                excerpt=url[:80],
+            )
+    return urls, stems, owner
+
+
+async def download_images(
+    client: httpx.AsyncClient,
+    task: Task | Sequence[str],
+    dest: str | os.PathLike[str],
+    *,
+    names: Sequence[str] | None,
+    overwrite: bool,
+    limiter: anyio.CapacityLimiter,
+    caller: RetryingCall,
+    timeout: httpx.Timeout,
+    max_bytes: int,
+) -> list[Path]:
+    """Download every URL of *task* into *dest*; see the module docstring."""
+    urls, stems, owner = _targets(task, names)
+    if owner is not None and owner.expires_at is not None:
+        now = datetime.now(timezone.utc)
+        if owner.expires_at <= now:
+            raise ResultExpiredError(task_id=owner.id, task=owner, expired_at=owner.expires_at)
+    directory = anyio.Path(dest)
+    await directory.mkdir(parents=True, exist_ok=True)
+    placed: list[Path | None] = [None] * len(urls)
+    failures: list[Exception] = []
+
+    async def one(i: int, scope: anyio.CancelScope) -> None:
+        try:
+            async with limiter:
+                placed[i] = await caller(
+                    lambda: _fetch_one(
+                        client, urls[i], directory, stems[i], timeout, max_bytes, overwrite
+                    )
+                )
+        except Exception as exc:  # noqa: BLE001 - re-raised plainly below
+            failures.append(exc)
+            scope.cancel()
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for i in range(len(urls)):
+                tg.start_soon(one, i, tg.cancel_scope)
+        if failures:
+            # All or nothing; and the caller sees our error, not an ExceptionGroup.
+            raise failures[0]
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            for path in placed:
+                if path is not None:
+                    await anyio.Path(path).unlink(missing_ok=True)
+        raise
+    return [p for p in placed if p is not None]
+
+
+async def _fetch_one(
+    client: httpx.AsyncClient,
+    url: str,
+    directory: anyio.Path,
+    stem: str,
+    timeout: httpx.Timeout,
+    max_bytes: int,
+    overwrite: bool,
+) -> Path:
+    request = client.build_request("GET", url, timeout=timeout)
+    # A borrowed client may carry default credentials; result hosts get none.
+    request.headers.pop("Authorization", None)
+    tmp = directory / f".{stem}.{uuid.uuid4().hex}.part"
+    try:
+        try:
+            response = await client.send(request, stream=True, auth=None, follow_redirects=True)
+        except httpx.TransportError as exc:
+            raise map_transport_error(exc, request) from exc
+        try:
+            content_type = await _stream_to(response, tmp, max_bytes, url)
+        except httpx.TransportError as exc:
+            raise map_transport_error(exc, request) from exc
+        finally:
+            await response.aclose()
+        final = directory / f"{stem}.{_EXT[content_type]}"
+        if not overwrite and await final.exists():
+            raise FileExistsError(f"{final} exists and overwrite=False")
+        await tmp.replace(final)
+        return Path(final)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await tmp.unlink(missing_ok=True)
+        raise
+
+
+async def _stream_to(response: httpx.Response, tmp: anyio.Path, max_bytes: int, url: str) -> str:
+    status = response.status_code
+    if status >= 400:
+        await response.aread()
+        cls = status_error_class(status)
+        message = f"download of a result image failed with HTTP {status}"
+        if status in (403, 404, 410):
+            message += " (the URL may have expired; results live about 24 h)"
+        kw: dict[str, Any] = {"status_code": status, "headers": response.headers}
+        raise cls(message, **kw)
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
+        raise APIResponseValidationError(
+            f"result image of {int(declared)} bytes exceeds the {max_bytes}-byte cap",
+            status_code=status,
+        )
+    content_type: str | None = None
+    size = 0
+    async with await anyio.open_file(tmp, "wb") as fh:
+        async for chunk in response.aiter_bytes(CHUNK):
+            if content_type is None:
+                content_type = sniff_image_type(chunk[:16])
+                if content_type is None:
+                    raise APIResponseValidationError(
+                        "result is not a JPEG, PNG, WebP or GIF image",
+                        status_code=status,
+                        excerpt=chunk[:80].decode("utf-8", "replace"),
+                    )
+            size += len(chunk)
+            if size > max_bytes:
+                raise APIResponseValidationError(
+                    f"result image exceeds the {max_bytes}-byte cap", status_code=status
+                )
+            await fh.write(chunk)
+    if content_type is None:
+        raise APIResponseValidationError(
+            "result image is empty", status_code=status, excerpt=url[:80]
+        )
+    return content_type

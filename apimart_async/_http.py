@@ -1,0 +1,298 @@
+"""The one place that sends requests to the API and turns failures into our errors.
+
+Everything that crosses the network to the API origin goes through ``HttpCore``:
+
+* the ``Authorization`` header is added here, per request, and only to URLs built from
+  the configured base URL; the shared ``httpx.AsyncClient`` carries no credentials, so a
+  download through the same pool cannot leak the key, and redirects are never followed
+  on API calls;
+* bodies are read under a size cap, so a hostile or broken server cannot make us buffer
+  gigabytes;
+* httpx exceptions become ``APIConnectionError``/``APITimeoutError`` (``raise ... from``),
+  recording whether the request may have reached the server (``sent``), which is what
+  decides whether a paid submit may be retried;
+* error envelopes (also inside 2xx bodies) become ``APIStatusError`` subclasses;
+* retries are declared with stamina; the backoff hooks below classify what is safe.
+
+Retry hooks never return a wait that would pass the caller's deadline: a ``Retry-After``
+longer than the time left is not honoured but reported (the error is raised at once).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import httpx
+import stamina
+
+from ._exceptions import (
+    APIConnectionError,
+    ApimartError,
+    APIResponseValidationError,
+    APIStatusError,
+    APITimeoutError,
+    RateLimitError,
+)
+from ._parsing import decode_json, error_from_body
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterable, Mapping
+
+    from ._config import RetryPolicy
+
+__all__ = ["HttpCore", "idempotent_hook", "map_transport_error", "read_capped", "submit_hook"]
+
+logger = logging.getLogger("apimart_async")
+
+T = TypeVar("T")
+BackoffHook = Callable[[Exception], "bool | float"]
+
+# Failures where httpx guarantees no byte of the request left this process.
+_NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
+def map_transport_error(exc: httpx.TransportError, request: httpx.Request) -> APIConnectionError:
+    """Translate an httpx transport failure, keeping whether the request was sent."""
+    sent = not isinstance(exc, _NOT_SENT)
+    # httpx messages name the failure, never headers; the URL carries no secret.
+    message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
+    return cls(message, method=request.method, url=str(request.url), sent=sent)
+
+
+async def read_capped(response: httpx.Response, cap: int) -> bytes:
+    """Read a streamed body, refusing anything larger than *cap* bytes."""
+    declared = response.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > cap:
+        raise APIResponseValidationError(
+            f"response body of {int(declared)} bytes exceeds the {cap}-byte cap",
+            status_code=response.status_code,
+        )
+    chunks: list[bytes] = []
+    total = 0
+    async for chunk in response.aiter_bytes():
+        total += len(chunk)
+        if total > cap:
+            raise APIResponseValidationError(
+                f"response body exceeds the {cap}-byte cap", status_code=response.status_code
+            )
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _time_left() -> float:
+    return anyio.current_effective_deadline() - anyio.current_time()
+
+
+def _retry_after(exc: APIStatusError, cap: float) -> bool | float:
+    hint = exc.retry_after if isinstance(exc, RateLimitError) else None
+    if hint is None:
+        hint = _header_retry_after(exc)
+    if hint is None:
+        return True
+    wait = min(hint, cap)
+    # Sleeping past the caller's deadline would only turn a clear 429 into a timeout.
+    return wait if wait < _time_left() else False
+
+
+def _header_retry_after(exc: APIStatusError) -> float | None:
+    from ._parsing import parse_retry_after
+
+    return parse_retry_after(exc.headers.get("retry-after"))
+
+
+def idempotent_hook(retry_after_max: float) -> BackoffHook:
+    """Backoff hook for calls that are safe to repeat: uploads, task queries, downloads.
+
+    Retries connection failures, 408, 429 (honouring ``Retry-After``), 5xx, and bodies
+    that could not be parsed (a gateway's HTML page). Other 4xx are final.
+    """
+
+    def hook(exc: Exception) -> bool | float:
+        if isinstance(exc, APIConnectionError | APIResponseValidationError):
+            return True
+        if isinstance(exc, APIStatusError):
+            if exc.status_code == 429 or exc.status_code >= 500:
+                return _retry_after(exc, retry_after_max)
+            return exc.status_code == 408
+        return False
+
+    return hook
+
+
+def is_provably_not_acted(exc: Exception) -> bool:
+    """Whether a failed submit certainly created no task, so resending is free."""
+    if isinstance(exc, APIConnectionError):
+        return not exc.sent
+    if isinstance(exc, APIStatusError):
+        if exc.code == "get_channel_failed":
+            return True
+        if exc.status_code in (429, 503):
+            return True
+        # The idempotency layer says the original is still running: ask again later.
+        return exc.status_code == 409 and exc.code == "idempotency_in_progress"
+    return False
+
+
+def is_ambiguous(exc: Exception) -> bool:
+    """Whether a failed submit may have created a task we know nothing about."""
+    if is_provably_not_acted(exc):
+        return False
+    if isinstance(exc, APIConnectionError | APIResponseValidationError):
+        return True
+    if isinstance(exc, APIStatusError):
+        if exc.code == "idempotency_result_indeterminate":
+            return True
+        return exc.status_code in (500, 502, 504) or exc.status_code > 504
+    return False
+
+
+def submit_hook(retry_after_max: float, *, retry_ambiguous: bool) -> BackoffHook:
+    """Backoff hook for paid submits.
+
+    Retries only what provably created nothing (connection never established, 429, 503,
+    ``get_channel_failed``). With *retry_ambiguous* (the caller's explicit opt-in, safe
+    only where the service honours ``Idempotency-Key``) ambiguous failures are retried
+    too, always with the same key and body.
+    """
+
+    def hook(exc: Exception) -> bool | float:
+        if is_provably_not_acted(exc):
+            if isinstance(exc, APIStatusError):
+                return _retry_after(exc, retry_after_max)
+            return True
+        return retry_ambiguous and is_ambiguous(exc)
+
+    return hook
+
+
+class HttpCore:
+    """Sends API requests over one shared ``httpx.AsyncClient``; owns nothing else.
+
+    *api_key* is kept in a header mapping that is only ever merged into requests for the
+    API origin and is never part of a repr or a message.
+    """
+
+    __slots__ = ("_auth", "_base", "_cap", "_client", "_default_headers", "_retry", "_timeout")
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        base_url: httpx.URL,
+        api_key: str,
+        retry: RetryPolicy,
+        timeout: httpx.Timeout,
+        max_response_bytes: int,
+        headers: Mapping[str, str],
+    ) -> None:
+        self._client = client
+        self._base = base_url
+        self._auth = {"Authorization": f"Bearer {api_key}"}
+        self._retry = retry
+        self._timeout = timeout
+        self._cap = max_response_bytes
+        self._default_headers = dict(headers)
+
+    @property
+    def client(self) -> httpx.AsyncClient:
+        """The underlying pool (shared with downloads, which never get the key)."""
+        return self._client
+
+    def url(self, path: str) -> httpx.URL:
+        """An absolute URL on the API origin, keeping any path prefix of the base URL."""
+        prefix = self._base.raw_path.rstrip(b"/")
+        return self._base.copy_with(raw_path=prefix + path.encode("ascii"))
+
+    def is_api_origin(self, url: httpx.URL) -> bool:
+        """Whether *url* shares scheme, host and port with the API base URL."""
+        base = self._base
+        return (url.scheme, url.host, url.port) == (base.scheme, base.host, base.port)
+
+    async def request_json(
+        self,
+        method: str,
+        path: str,
+        *,
+        content: bytes | AsyncIterable[bytes] | None = None,
+        headers: Mapping[str, str] | None = None,
+        timeout: httpx.Timeout | None = None,
+    ) -> Any:
+        """One attempt: send, read under the cap, raise our error or return parsed JSON."""
+        all_headers = {**self._default_headers, **(headers or {}), **self._auth}
+        request = self._client.build_request(
+            method,
+            self.url(path),
+            content=content,
+            headers=all_headers,
+            timeout=timeout or self._timeout,
+        )
+        try:
+            response = await self._client.send(request, stream=True, follow_redirects=False)
+            try:
+                raw = await read_capped(response, self._cap)
+            finally:
+                await response.aclose()
+        except httpx.TransportError as exc:
+            raise map_transport_error(exc, request) from exc
+        status = response.status_code
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("%s %s -> %d (%d bytes)", method, path, status, len(raw))
+        if status >= 400:
+            body: object = None
+            try:
+                body = decode_json(raw, status) if raw else None
+            except APIResponseValidationError:
+                body = raw[:300].decode("utf-8", "replace")
+            if isinstance(body, str) or body is None:
+                body = {"error": {"message": (body or "").strip() or None}}
+            raise error_from_body(status, body, response.headers)
+        if 300 <= status < 400:
+            raise APIResponseValidationError(
+                "unexpected redirect from the API (not followed)",
+                status_code=status,
+                excerpt=response.headers.get("location", ""),
+            )
+        parsed = decode_json(raw, status)
+        if isinstance(parsed, dict) and parsed.get("error"):
+            raise error_from_body(status, parsed, response.headers)
+        return parsed
+
+    def caller(self, hook: BackoffHook, *, attempts: int | None = None) -> RetryingCall:
+        """A retrying caller bound to *hook*, using this client's ``RetryPolicy``."""
+        policy = self._retry
+        return RetryingCall(
+            stamina.AsyncRetryingCaller(
+                attempts=attempts or policy.attempts,
+                timeout=policy.timeout,
+                wait_initial=policy.wait_initial,
+                wait_max=policy.wait_max,
+                wait_jitter=policy.wait_jitter,
+            ).on(hook)
+        )
+
+
+class RetryingCall:
+    """Runs a zero-argument coroutine function under a bound stamina caller.
+
+    The callable takes no arguments on purpose: stamina's retry log records the
+    arguments of the retried call, and ours would include headers.
+    """
+
+    __slots__ = ("_bound",)
+
+    def __init__(self, bound: stamina.BoundAsyncRetryingCaller) -> None:
+        self._bound = bound
+
+    async def __call__(self, attempt: Callable[[], Awaitable[T]]) -> T:
+        return await self._bound(attempt)
+
+
+def describe(exc: BaseException) -> str:
+    """A short, key-free description of an error for logs and summaries."""
+    if isinstance(exc, ApimartError | ValueError):
+        return f"{type(exc).__name__}: {exc}"
+    return type(exc).__name__

@@ -1,0 +1,282 @@
+"""Lenient readers for every response shape the service has been seen to send.
+
+The documentation contradicts itself (apimart-api.md §11): submit ids live in
+``data[0].task_id``, ``data.id`` or at the top level; result URLs are strings or lists;
+error codes are ints, strings or empty. Each reader here accepts all documented
+variants, ignores unknown fields, and raises ``APIResponseValidationError`` (never a
+``KeyError`` or ``TypeError``) when a body fits none of them.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import math
+from datetime import datetime, timedelta, timezone
+from typing import TYPE_CHECKING, Any
+
+from ._config import RESULT_URL_TTL, UPLOAD_URL_TTL
+from ._exceptions import (
+    APIResponseValidationError,
+    APIStatusError,
+    RateLimitError,
+    status_error_class,
+)
+from .types import Task, TaskErrorInfo, TaskStatus, UploadedImage
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+__all__ = [
+    "decode_json",
+    "error_from_body",
+    "parse_retry_after",
+    "parse_submit",
+    "parse_task",
+    "parse_upload",
+]
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def decode_json(content: bytes, status_code: int) -> Any:
+    """Parse a JSON body, or explain with an excerpt why it is not JSON."""
+    try:
+        return json.loads(content)
+    except (ValueError, UnicodeDecodeError):
+        raise APIResponseValidationError(
+            "response body is not JSON",
+            status_code=status_code,
+            excerpt=content[:300].decode("utf-8", "replace"),
+        ) from None
+
+
+def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
+    """Seconds to wait from a ``Retry-After`` header (delta-seconds or HTTP date)."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=timezone.utc)
+        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+    if math.isnan(seconds) or math.isinf(seconds):
+        return None
+    return max(0.0, seconds)
+
+
+def _as_str(value: object) -> str | None:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _code(value: object) -> int | str | None:
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str):
+        value = value.strip()
+        if not value:
+            return None
+        return int(value) if value.isdigit() else value
+    return None
+
+
+def error_from_body(
+    status_code: int, body: object, headers: Mapping[str, str] | None = None
+) -> APIStatusError:
+    """Build the status error for an error response (or a 2xx carrying ``error``).
+
+    For an ``error`` inside a 2xx body, the class comes from ``error.code`` when it is
+    an HTTP-like int, so ``{"error": {"code": 429}}`` in a 200 is still a rate limit.
+    """
+    error: object = body.get("error") if isinstance(body, dict) else None
+    message: str | None = None
+    code: int | str | None = None
+    err_type: str | None = None
+    param: str | None = None
+    if isinstance(error, dict):
+        message = _as_str(error.get("message"))
+        code = _code(error.get("code"))
+        err_type = _as_str(error.get("type"))
+        param = _as_str(error.get("param")) or None
+    elif isinstance(error, str):
+        message = error
+    elif isinstance(body, dict):
+        message = _as_str(body.get("message")) or _as_str(body.get("msg"))
+    if not message:
+        message = f"HTTP {status_code} with no error message"
+    effective = status_code
+    if 200 <= status_code < 300 and isinstance(code, int) and 400 <= code < 600:
+        effective = code
+    cls = status_error_class(effective)
+    kw: dict[str, Any] = {
+        "status_code": effective,
+        "code": code,
+        "type": err_type,
+        "param": param,
+        "body": body,
+        "headers": headers,
+    }
+    if cls is RateLimitError:
+        retry_after = parse_retry_after((headers or {}).get("retry-after"))
+        return RateLimitError(message, retry_after=retry_after, **kw)
+    return cls(message, **kw)
+
+
+def _timestamp(value: object) -> datetime | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        return None
+    try:
+        return _EPOCH + timedelta(seconds=float(value))
+    except OverflowError:
+        return None
+
+
+def _number(value: object) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    result = float(value)
+    return None if math.isnan(result) or math.isinf(result) else result
+
+
+def _invalid(what: str, body: object) -> APIResponseValidationError:
+    return APIResponseValidationError(what, status_code=200, excerpt=json.dumps(body)[:300])
+
+
+def parse_submit(body: object) -> tuple[str, TaskStatus]:
+    """The task id and status of a submit response, whatever its shape (§3.3 A-D)."""
+    candidates: list[object] = []
+    if isinstance(body, dict):
+        data = body.get("data")
+        if isinstance(data, list) and data:
+            candidates.append(data[0])
+        elif isinstance(data, dict):
+            candidates.append(data)
+        candidates.append(body)
+    for item in candidates:
+        if not isinstance(item, dict):
+            continue
+        task_id = item.get("task_id") or item.get("id")
+        if isinstance(task_id, str) and task_id.strip():
+            return task_id.strip(), TaskStatus.parse(item.get("status") or "submitted")
+    raise _invalid("submit response carries no task id", body)
+
+
+def _urls(value: object) -> list[str]:
+    if isinstance(value, str):
+        return [value] if value else []
+    if isinstance(value, list):
+        return [item for item in value if isinstance(item, str) and item]
+    return []
+
+
+def _image_urls(result: object) -> tuple[list[str], float | None]:
+    """Flatten result URLs in order; return them with the earliest ``expires_at``."""
+    if not isinstance(result, dict):
+        return [], None
+    urls: list[str] = []
+    expiries: list[float] = []
+    images = result.get("images")
+    if isinstance(images, list):
+        for image in images:
+            if isinstance(image, dict):
+                urls += _urls(image.get("url")) or _urls(image.get("image_url"))
+                expiry = _number(image.get("expires_at"))
+                if expiry is not None:
+                    expiries.append(expiry)
+            else:
+                urls += _urls(image)
+    # Undocumented fallbacks seen in other clients (apimart-api.md §6.1 item 4).
+    if not urls:
+        for key in ("url", "image_url", "image_urls"):
+            urls += _urls(result.get(key))
+    return urls, (min(expiries) if expiries else None)
+
+
+def _task_error(value: object) -> TaskErrorInfo | None:
+    if isinstance(value, str):
+        return TaskErrorInfo(message=value) if value else None
+    if isinstance(value, dict):
+        message = _as_str(value.get("message")) or _as_str(value.get("msg")) or ""
+        code = _code(value.get("code"))
+        if not message and code is None:
+            return None
+        return TaskErrorInfo(
+            message=message or f"error code {code}", code=code, type=_as_str(value.get("type"))
+        )
+    return None
+
+
+def parse_task(body: object) -> Task:
+    """A ``Task`` from a task-query body (``{"code":200,"data":{...}}`` or bare)."""
+    data = body.get("data") if isinstance(body, dict) and "data" in body else body
+    if isinstance(data, list) and len(data) == 1:
+        data = data[0]
+    if not isinstance(data, dict):
+        raise _invalid("task response carries no task object", body)
+    task_id = data.get("id") or data.get("task_id")
+    if not isinstance(task_id, str) or not task_id:
+        raise _invalid("task response carries no task id", body)
+    status = TaskStatus.parse(data.get("status"))
+    urls, expiry = _image_urls(data.get("result"))
+    if not urls:
+        urls, expiry = _image_urls(data)
+    completed = _timestamp(data.get("completed"))
+    expires_at = _timestamp(expiry)
+    if expires_at is None and completed is not None and urls:
+        # No expires_at: the documented lifetime is 24 h after completion (§9).
+        expires_at = completed + timedelta(seconds=RESULT_URL_TTL)
+    progress = _number(data.get("progress"))
+    task_info = data.get("task_info")
+    estimated = _number(data.get("estimated_time"))
+    if estimated is None and isinstance(task_info, dict):
+        estimated = _number(task_info.get("estimated_time"))
+    return Task(
+        id=task_id,
+        status=status,
+        progress=None if progress is None else max(0, min(100, int(progress))),
+        image_urls=tuple(urls),
+        expires_at=expires_at,
+        created=_timestamp(data.get("created")),
+        completed=completed,
+        estimated_time=estimated,
+        actual_time=_number(data.get("actual_time")),
+        cost=_number(data.get("cost")),
+        credits_cost=_number(data.get("credits_cost")),
+        error=_task_error(data.get("error") or data.get("fail_reason")),
+        raw=data,
+    )
+
+
+def parse_upload(body: object, *, sha256: str | None = None) -> UploadedImage:
+    """An ``UploadedImage`` from the flat upload response (and defensive variants)."""
+    obj = body
+    if isinstance(body, dict) and isinstance(body.get("data"), dict):
+        obj = body["data"]
+    if not isinstance(obj, dict):
+        raise _invalid("upload response is not an object", body)
+    url = obj.get("url") or obj.get("image_url")
+    if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        raise _invalid("upload response carries no http(s) url", body)
+    created = _timestamp(obj.get("created_at")) or datetime.now(timezone.utc)
+    size = obj.get("bytes")
+    return UploadedImage(
+        url=url,
+        filename=_as_str(obj.get("filename")) or url.rsplit("/", 1)[-1],
+        content_type=_as_str(obj.get("content_type")) or "application/octet-stream",
+        bytes=size if isinstance(size, int) and not isinstance(size, bool) else 0,
+        created_at=created,
+        expires_at=created + timedelta(seconds=UPLOAD_URL_TTL),
+        sha256=sha256,
+    )

@@ -1,0 +1,123 @@
+"""When to ask the service about a task again, and how many asks a client may make.
+
+Two pieces, kept apart so each can be tested alone:
+
+``PollSchedule`` decides the next delay for one task. It polls first at a fraction of
+the task's ``estimated_time`` (the service's estimates run long: 60-100 s for tasks that
+take 10-20 s, apimart-api.md §8). Once the task reports progress, it extrapolates the
+completion time from progress and elapsed time and aims just past it, so a typical task
+costs two or three queries and is noticed within a few percent of its duration. Without
+progress it backs off geometrically with jitter, up to a cap.
+
+``RateLimiter`` is the client-wide poll budget: every ``wait`` on a client draws from
+one token bucket, so 10,000 waiting tasks cost the same request rate as 100 (they are
+noticed later instead). It computes each caller's slot arithmetically under no lock and
+sleeps outside it, so waiting tasks cost nothing but their sleep.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .types import Task, TaskStatus
+
+if TYPE_CHECKING:
+    from ._config import PollPolicy
+
+__all__ = ["PollSchedule", "RateLimiter"]
+
+
+class PollSchedule:
+    """The adaptive delays (in real seconds) between polls of one task.
+
+    *started* is the local ``anyio.current_time()`` when the task was submitted (or
+    when waiting began, for a task submitted elsewhere).
+    """
+
+    __slots__ = ("_last_delay", "_policy", "_random", "_started")
+
+    def __init__(self, policy: PollPolicy, started: float, *, rng: random.Random | None = None):
+        self._policy = policy
+        self._started = started
+        self._random = rng or random.Random()
+        self._last_delay = 0.0
+
+    def first_delay(self, estimated_time: float | None) -> float:
+        """Delay before the first poll, from the service's estimate if it gave one."""
+        p = self._policy
+        guess = p.first_default if estimated_time is None else estimated_time * p.first_fraction
+        delay = min(max(guess, p.first_min), p.first_max) * p.time_scale
+        self._last_delay = delay
+        return delay
+
+    def next_delay(self, task: Task, now: float) -> float:
+        """Delay after seeing *task* at local time *now*."""
+        p = self._policy
+        scale = p.time_scale
+        elapsed = max(now - self._started, 0.0)
+        progress = task.progress or 0
+        floor = p.min_interval * scale
+        cap = p.max_interval * scale
+        if task.status in (TaskStatus.PROCESSING, TaskStatus.IN_PROGRESS) and 0 < progress < 100:
+            # Progress tends to be reported as a floor, so (progress + 0.5) is the middle
+            # of what it could mean; aim a little past that.
+            eta = elapsed * 100.0 / (progress + 0.5)
+            remaining = eta - elapsed + p.eta_margin * eta
+            if remaining > floor:
+                delay = min(remaining, cap)
+                self._last_delay = delay
+                return delay
+            # The predicted end has passed: look again soon, in proportion to the task.
+            delay = min(max(p.eta_margin * elapsed, floor), cap)
+            self._last_delay = delay
+            return delay
+        estimated = task.estimated_time
+        if task.status in (TaskStatus.SUBMITTED, TaskStatus.PENDING) and estimated:
+            # Still queued: wait for a slice of the estimate rather than hammering.
+            remaining_estimate = estimated * scale - elapsed
+            if remaining_estimate > 0:
+                delay = min(max(remaining_estimate * p.first_fraction, floor), cap)
+                self._last_delay = delay
+                return self._jittered(delay)
+        delay = min(max(self._last_delay * p.backoff, floor), cap)
+        self._last_delay = delay
+        return self._jittered(delay)
+
+    def _jittered(self, delay: float) -> float:
+        jitter = self._policy.jitter
+        if not jitter:
+            return delay
+        return delay * (1.0 + self._random.uniform(-jitter, jitter))
+
+
+class RateLimiter:
+    """A token bucket shared by every poll of one client: *rate* per second, *burst*.
+
+    ``acquire`` reserves the next free slot (virtual scheduling) and sleeps until it;
+    there is no queue to drain and no background task. A caller cancelled while
+    sleeping forfeits its slot, which only makes the budget stricter.
+    """
+
+    __slots__ = ("_burst", "_interval", "_next")
+
+    def __init__(self, rate: float, burst: int) -> None:
+        self._interval = 1.0 / rate
+        self._burst = burst
+        self._next = float("-inf")
+
+    @property
+    def rate(self) -> float:
+        """Requests per second granted on average."""
+        return 1.0 / self._interval
+
+    async def acquire(self) -> None:
+        """Wait for this caller's slot."""
+        now = anyio.current_time()
+        # Unused capacity accumulates only up to the burst size.
+        slot = max(self._next, now - (self._burst - 1) * self._interval)
+        self._next = slot + self._interval
+        if slot > now:
+            await anyio.sleep(slot - now)
