@@ -79,9 +79,14 @@ __all__ = [
     "__version__",
 ]
 
+
 # Show public objects as ``apimart_async.X`` in reprs and tracebacks (as httpx does).
-for _name in __all__:
-    _obj = globals()[_name]
-    if isinstance(_obj, type):
-        _obj.__module__ = __name__
-del _name, _obj
+def _set_module() -> None:
+    for name in __all__:
+        obj = globals()[name]
+        if isinstance(obj, type):
+            obj.__module__ = __name__
+
+
+_set_module()
+del _set_module

@@ -11,7 +11,7 @@ from __future__ import annotations
 import enum
 import json
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import quote
 
 import anyio
@@ -53,7 +53,15 @@ from .types import (
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Mapping, Sequence
+    from collections.abc import (
+        AsyncGenerator,
+        AsyncIterable,
+        AsyncIterator,
+        Callable,
+        Iterable,
+        Mapping,
+        Sequence,
+    )
     from pathlib import Path
     from typing import IO
 
@@ -371,7 +379,7 @@ class AsyncApimart:
                 reason=f"no answer within {_config.SUBMIT_SHIELD:g}s",
             )
         task_id, status = parse_submit(data)
-        return Task(id=task_id, status=status, raw=data if isinstance(data, dict) else {})
+        return Task(id=task_id, status=status, raw=_raw_dict(data))
 
     async def get_task(self, task_id: str) -> Task:
         """The task's current state (one query, retried on transient failures).
@@ -621,7 +629,7 @@ class AsyncApimart:
         allow_unknown: bool = False,
         idempotency_keys: Callable[[int, Any], str | None] | None = None,
         known_tasks: Callable[[int, Any], str | None] | None = None,
-    ) -> AsyncIterator[AsyncIterator[Outcome]]:
+    ) -> AsyncGenerator[AsyncIterator[Outcome], None]:
         """Run many pipelines at once; yield their ``Outcome``s as they finish.
 
         ``async with client.generate_many(requests) as outcomes: async for o in
@@ -671,8 +679,13 @@ def _transient(exc: ApimartError) -> bool:
     return _RETRYABLE(exc) is not False
 
 
+def _raw_dict(data: object) -> dict[str, Any]:
+    return cast("dict[str, Any]", data) if isinstance(data, dict) else {}
+
+
 def _checked_id(task_id: str) -> str:
-    if not isinstance(task_id, str) or not task_id.strip():
+    # Checked at run time too: ids often come from untyped JSON or user input.
+    if not isinstance(task_id, str) or not task_id.strip():  # pyright: ignore[reportUnnecessaryIsInstance]
         raise ValueError(f"task_id must be a non-empty string, got {task_id!r}")
     return task_id.strip()
 

@@ -40,7 +40,7 @@ def checked_key(key: str | None) -> str:
     """*key* if it is 1-191 visible ASCII characters (the service's rule), else a new one."""
     if key is None:
         return new_idempotency_key()
-    if not isinstance(key, str) or not _KEY_CHARS.match(key):
+    if not isinstance(key, str) or not _KEY_CHARS.match(key):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise ValueError(
             f"idempotency_key must be 1-191 visible ASCII characters (no spaces), got {key!r}"
         )

@@ -36,7 +36,7 @@ from ._exceptions import (
     APITimeoutError,
     RateLimitError,
 )
-from ._parsing import decode_json, error_from_body
+from ._parsing import as_object, decode_json, error_from_body
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Mapping
@@ -257,7 +257,8 @@ class HttpCore:
                 excerpt=response.headers.get("location", ""),
             )
         parsed = decode_json(raw, status)
-        if isinstance(parsed, dict) and parsed.get("error"):
+        envelope = as_object(parsed)
+        if envelope is not None and envelope.get("error"):
             raise error_from_body(status, parsed, response.headers)
         return parsed
 

@@ -13,7 +13,7 @@ import email.utils
 import json
 import math
 from datetime import datetime, timedelta, timezone
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._config import RESULT_URL_TTL, UPLOAD_URL_TTL
 from ._exceptions import (
@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from collections.abc import Mapping
 
 __all__ = [
+    "as_object",
     "decode_json",
     "error_from_body",
     "parse_retry_after",
@@ -71,6 +72,18 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, seconds)
 
 
+def as_object(value: object) -> dict[str, Any] | None:
+    """*value* as a JSON object, or None. (JSON object keys are always strings.)"""
+    return cast("dict[str, Any]", value) if isinstance(value, dict) else None
+
+
+def _seq(value: object) -> list[Any] | None:
+    """*value* as a JSON array, or None."""
+    if not isinstance(value, list):
+        return None
+    return cast("list[Any]", value)  # type: ignore[redundant-cast]  # pyright needs it
+
+
 def _as_str(value: object) -> str | None:
     if isinstance(value, str):
         return value
@@ -100,20 +113,22 @@ def error_from_body(
     For an ``error`` inside a 2xx body, the class comes from ``error.code`` when it is
     an HTTP-like int, so ``{"error": {"code": 429}}`` in a 200 is still a rate limit.
     """
-    error: object = body.get("error") if isinstance(body, dict) else None
+    envelope = as_object(body)
+    error: object = envelope.get("error") if envelope is not None else None
+    error_obj = as_object(error)
     message: str | None = None
     code: int | str | None = None
     err_type: str | None = None
     param: str | None = None
-    if isinstance(error, dict):
-        message = _as_str(error.get("message"))
-        code = _code(error.get("code"))
-        err_type = _as_str(error.get("type"))
-        param = _as_str(error.get("param")) or None
+    if error_obj is not None:
+        message = _as_str(error_obj.get("message"))
+        code = _code(error_obj.get("code"))
+        err_type = _as_str(error_obj.get("type"))
+        param = _as_str(error_obj.get("param")) or None
     elif isinstance(error, str):
         message = error
-    elif isinstance(body, dict):
-        message = _as_str(body.get("message")) or _as_str(body.get("msg"))
+    elif envelope is not None:
+        message = _as_str(envelope.get("message")) or _as_str(envelope.get("msg"))
     if not message:
         message = f"HTTP {status_code} with no error message"
     effective = status_code
@@ -157,15 +172,15 @@ def _invalid(what: str, body: object) -> APIResponseValidationError:
 def parse_submit(body: object) -> tuple[str, TaskStatus]:
     """The task id and status of a submit response, whatever its shape (§3.3 A-D)."""
     candidates: list[object] = []
-    if isinstance(body, dict):
-        data = body.get("data")
-        if isinstance(data, list) and data:
-            candidates.append(data[0])
-        elif isinstance(data, dict):
-            candidates.append(data)
-        candidates.append(body)
-    for item in candidates:
-        if not isinstance(item, dict):
+    envelope = as_object(body)
+    if envelope is not None:
+        data = envelope.get("data")
+        items = _seq(data)
+        candidates.append(items[0] if items else data)
+        candidates.append(envelope)
+    for candidate in candidates:
+        item = as_object(candidate)
+        if item is None:
             continue
         task_id = item.get("task_id") or item.get("id")
         if isinstance(task_id, str) and task_id.strip():
@@ -176,54 +191,59 @@ def parse_submit(body: object) -> tuple[str, TaskStatus]:
 def _urls(value: object) -> list[str]:
     if isinstance(value, str):
         return [value] if value else []
-    if isinstance(value, list):
-        return [item for item in value if isinstance(item, str) and item]
-    return []
+    items = _seq(value)
+    if items is None:
+        return []
+    return [item for item in items if isinstance(item, str) and item]
 
 
 def _image_urls(result: object) -> tuple[list[str], float | None]:
     """Flatten result URLs in order; return them with the earliest ``expires_at``."""
-    if not isinstance(result, dict):
+    result_obj = as_object(result)
+    if result_obj is None:
         return [], None
     urls: list[str] = []
     expiries: list[float] = []
-    images = result.get("images")
-    if isinstance(images, list):
-        for image in images:
-            if isinstance(image, dict):
-                urls += _urls(image.get("url")) or _urls(image.get("image_url"))
-                expiry = _number(image.get("expires_at"))
-                if expiry is not None:
-                    expiries.append(expiry)
-            else:
-                urls += _urls(image)
+    for entry in _seq(result_obj.get("images")) or ():
+        image = as_object(entry)
+        if image is None:
+            urls += _urls(entry)
+            continue
+        urls += _urls(image.get("url")) or _urls(image.get("image_url"))
+        expiry = _number(image.get("expires_at"))
+        if expiry is not None:
+            expiries.append(expiry)
     # Undocumented fallbacks seen in other clients (apimart-api.md §6.1 item 4).
     if not urls:
         for key in ("url", "image_url", "image_urls"):
-            urls += _urls(result.get(key))
+            urls += _urls(result_obj.get(key))
     return urls, (min(expiries) if expiries else None)
 
 
 def _task_error(value: object) -> TaskErrorInfo | None:
     if isinstance(value, str):
         return TaskErrorInfo(message=value) if value else None
-    if isinstance(value, dict):
-        message = _as_str(value.get("message")) or _as_str(value.get("msg")) or ""
-        code = _code(value.get("code"))
-        if not message and code is None:
-            return None
-        return TaskErrorInfo(
-            message=message or f"error code {code}", code=code, type=_as_str(value.get("type"))
-        )
-    return None
+    error = as_object(value)
+    if error is None:
+        return None
+    message = _as_str(error.get("message")) or _as_str(error.get("msg")) or ""
+    code = _code(error.get("code"))
+    if not message and code is None:
+        return None
+    return TaskErrorInfo(
+        message=message or f"error code {code}", code=code, type=_as_str(error.get("type"))
+    )
 
 
 def parse_task(body: object) -> Task:
     """A ``Task`` from a task-query body (``{"code":200,"data":{...}}`` or bare)."""
-    data = body.get("data") if isinstance(body, dict) and "data" in body else body
-    if isinstance(data, list) and len(data) == 1:
-        data = data[0]
-    if not isinstance(data, dict):
+    envelope = as_object(body)
+    inner: object = envelope.get("data") if envelope is not None and "data" in envelope else body
+    items = _seq(inner)
+    if items is not None and len(items) == 1:
+        inner = items[0]
+    data = as_object(inner)
+    if data is None:
         raise _invalid("task response carries no task object", body)
     task_id = data.get("id") or data.get("task_id")
     if not isinstance(task_id, str) or not task_id:
@@ -238,9 +258,9 @@ def parse_task(body: object) -> Task:
         # No expires_at: the documented lifetime is 24 h after completion (§9).
         expires_at = completed + timedelta(seconds=RESULT_URL_TTL)
     progress = _number(data.get("progress"))
-    task_info = data.get("task_info")
+    task_info = as_object(data.get("task_info"))
     estimated = _number(data.get("estimated_time"))
-    if estimated is None and isinstance(task_info, dict):
+    if estimated is None and task_info is not None:
         estimated = _number(task_info.get("estimated_time"))
     return Task(
         id=task_id,
@@ -261,10 +281,10 @@ def parse_task(body: object) -> Task:
 
 def parse_upload(body: object, *, sha256: str | None = None) -> UploadedImage:
     """An ``UploadedImage`` from the flat upload response (and defensive variants)."""
-    obj = body
-    if isinstance(body, dict) and isinstance(body.get("data"), dict):
-        obj = body["data"]
-    if not isinstance(obj, dict):
+    envelope = as_object(body)
+    obj = as_object(envelope.get("data")) if envelope is not None else None
+    obj = obj or envelope
+    if obj is None:
         raise _invalid("upload response is not an object", body)
     url = obj.get("url") or obj.get("image_url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):

@@ -33,7 +33,7 @@ from .types import DownloadedEvent, Event, FailedEvent, Outcome, Task, TaskStatu
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncGenerator, AsyncIterator
 
     from anyio.streams.memory import MemoryObjectSendStream
 
@@ -49,7 +49,7 @@ class JobState:
     task: Task | None = None
 
 
-async def _each(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncIterator[Any]:
+async def _each(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncGenerator[Any, None]:
     """Iterate a sync or async iterable; an async source is closed however we stop."""
     if not isinstance(items, AsyncIterable):
         for item in items:
@@ -98,7 +98,7 @@ class Pipeline:
     @asynccontextmanager
     async def run(
         self, requests: Iterable[Any] | AsyncIterable[Any]
-    ) -> AsyncIterator[AsyncIterator[Outcome]]:
+    ) -> AsyncGenerator[AsyncIterator[Outcome], None]:
         """Start the jobs; yield the stream of their outcomes; cancel what is left."""
         send, receive = anyio.create_memory_object_stream[Outcome](self._concurrency)
         try:

@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, Union, cast
 
 import anyio
 import anyio.to_thread
@@ -38,7 +38,8 @@ if TYPE_CHECKING:
 
 __all__ = ["ImageSource", "PreparedImage", "UploadCache", "prepare_image", "sniff_image_type"]
 
-ImageSource = "str | os.PathLike[str] | bytes | IO[bytes]"
+ImageSource = Union[str, "os.PathLike[str]", bytes, IO[bytes]]
+"""What ``upload_image`` accepts: a path, the bytes, or a binary file object."""
 
 # Read whole below this size (one worker-thread hop); stream from disk above it.
 SMALL_FILE = 1024 * 1024
@@ -115,8 +116,8 @@ async def _iter_chunks(image: PreparedImage) -> AsyncIterator[bytes]:
 def _label(source: object, filename: str | None) -> str:
     if filename:
         return repr(filename)
-    if isinstance(source, (str, os.PathLike)):
-        return repr(os.fspath(source))
+    if isinstance(source, str | os.PathLike):
+        return repr(os.fspath(cast("str | os.PathLike[str]", source)))
     return "<bytes>" if isinstance(source, bytes) else "<file object>"
 
 
@@ -207,7 +208,7 @@ def _prepare_fileobj(fh: IO[bytes], filename: str | None, max_bytes: int) -> Pre
     # A file object may not be seekable, so it is read once, bounded by the limit;
     # reading one byte past it is how we know it is too big without reading it all.
     data = fh.read(max_bytes + 1)
-    if not isinstance(data, bytes):
+    if not isinstance(data, bytes):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise InvalidImageError("file object must be opened in binary mode ('rb')")
     name = filename or os.path.basename(str(getattr(fh, "name", "") or "")) or None
     return _prepare_bytes(data, name, _label(fh, filename), max_bytes)
@@ -223,8 +224,10 @@ async def prepare_image(
             accepted format by its magic bytes, or truncated.
         TypeError: *source* is none of the accepted kinds.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return _prepare_bytes(bytes(source), filename, _label(b"", filename), max_bytes)
+    if isinstance(source, bytes | bytearray | memoryview):
+        return _prepare_bytes(
+            bytes(cast("bytes", source)), filename, _label(b"", filename), max_bytes
+        )
     if isinstance(source, (str, os.PathLike)):
         path = Path(os.fspath(source))
         return await anyio.to_thread.run_sync(_prepare_path, path, filename, max_bytes)

@@ -10,6 +10,7 @@ matters the median of the repetitions is reported, with the spread.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
@@ -239,23 +240,27 @@ def overhead(sizes: Sizes, verbose: bool) -> Scenario:
         ],
         settings={"pipelines": n, "concurrency": sizes.overhead_concurrency, "latency": "zero"},
     )
+    impls = OVERHEAD_IMPLS
+    if importlib.util.find_spec("httpx_aiohttp") is None:
+        impls = tuple(i for i in impls if i != "httpx-aiohttp")
+        sc.notes.append("httpx-aiohttp is not installed: its context row is left out")
     with FakeServer(latency="zero") as fake:
         sc.settings["fake_command"] = shlex.join(fake.command())
         runner = Runner(fake, sc, verbose=verbose)
         results: dict[tuple[str, int], list[dict[str, Any]]] = {}
         for conc in sizes.overhead_concurrency:
             for _ in range(sizes.overhead_reps):
-                for impl in OVERHEAD_IMPLS:
+                for impl in impls:
                     run = runner.run(impl, pipelines=n, concurrency=conc, poll="prompt")
                     results.setdefault((impl, conc), []).append(run)
         cost: dict[tuple[str, int], float | None] = {}
         for conc in sizes.overhead_concurrency:
-            for impl in OVERHEAD_IMPLS:
+            for impl in impls:
                 runs = results[(impl, conc)]
                 best = median_run(runs, "cpu_s")
                 check_complete(sc, best)
                 cost[(impl, conc)] = per_pipe(best, "cpu_s")
-            for impl in OVERHEAD_IMPLS:
+            for impl in impls:
                 runs = results[(impl, conc)]
                 best = median_run(runs, "cpu_s")
                 c = cost[(impl, conc)]

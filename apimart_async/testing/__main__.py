@@ -8,6 +8,10 @@ server down gracefully and exit with status 0. Counters and task timings are at
 
 Request recording is off here (it would grow without bound in a long benchmark);
 the counters are always kept. Needs the ``server`` extra (uvicorn).
+
+What can go wrong: invalid options exit with status 2 and argparse's message; a port
+already in use exits with status 1 and says so on stderr; nothing but the URL line is
+ever written to stdout, so a parent can parse it blindly.
 """
 
 from __future__ import annotations
@@ -139,7 +143,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write("the fake server needs uvicorn: pip install 'apimart-async[server]'\n")
         return 2
 
-    sock = bind(args.host, args.port)
+    try:
+        sock = bind(args.host, args.port)
+    except OSError as exc:
+        sys.stderr.write(f"cannot listen on {args.host}:{args.port}: {exc}\n")
+        return 1
     port: int = sock.getsockname()[1]
     url = api_origin(args.host, port)
     fake.use_files_base_url(files_origin(args.host, port, args.files_host))

@@ -32,7 +32,14 @@ from ._asgi import ConnectionDrop, DropKind, Message, Receive, Scope, Send
 from ._images import RESULT_PNG, sniff_image_type
 from ._multipart import MultipartError, boundary_of, parse_multipart
 from ._options import Endpoint, Fault
-from ._state import MODELS, UNKNOWN_MODEL, RecordedRequest, State, StoredUpload
+from ._state import (
+    MODELS,
+    UNKNOWN_MODEL,
+    RecordedRequest,
+    State,
+    StoredUpload,
+    canonical_faults,
+)
 
 if TYPE_CHECKING:
     from ._state import FakeTask
@@ -608,8 +615,6 @@ class App:
         return _json(404, {"error": {"message": f"unknown admin path {path}", "type": "fake"}})
 
     def _admin_configure(self, name: str, body: bytes) -> _Response:
-        from ._state import canonical_faults
-
         state = self.state
         try:
             spec = json.loads(body or b"{}")

@@ -6,7 +6,9 @@ works end to end. It is built once at import time: bytes are immutable, so shari
 it between fakes is not shared mutable state.
 
 The sniffer is deliberately our own and independent of the client's: if both shared
-code, a bug in it could never show up as a disagreement in tests.
+code, a bug in it could never show up as a disagreement in tests. It only looks at
+signatures, like the service: a truncated file with a valid header is accepted here
+(and by the service), so detecting truncation is the client's job.
 """
 
 from __future__ import annotations

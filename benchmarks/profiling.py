@@ -1,0 +1,143 @@
+"""Where a client's CPU goes: ``python -m benchmarks.profiling [--impl apimart] [-c 200]``.
+
+Starts the fake (zero latency), runs one overhead worker and breaks its CPU down by
+layer. With ``py-spy`` installed (``pip install py-spy``) the worker is sampled
+undisturbed and every sample inside the event loop is attributed to the layers on its
+stack (a sample counts for every layer it passes through, so the inclusive figures
+overlap) and to the package of its innermost frame (self time, adding up to 100%).
+Without py-spy, cProfile runs around the measured section only (``--profile``), which
+inflates pure-Python code, and the top cumulative entries are printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pstats
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from .fakeserver import FakeServer
+
+# Layers worth a line each, matched against py-spy frame strings "func (file:line)".
+LAYERS: dict[str, str] = {
+    "apimart_async (anything)": r"apimart_async/",
+    "  HttpCore.request_json (one attempt, all inside)": r"HttpCore\.request_json ",
+    "    HttpCore.url (httpx.URL.copy_with)": r"HttpCore\.url ",
+    "    httpx AsyncClient.build_request": r"Client\.build_request ",
+    "    httpx AsyncClient.send (incl. transport)": r"AsyncClient\.send ",
+    "      our AiohttpTransport (incl. aiohttp)": r"AiohttpTransport\.handle_async_request",
+    "      httpx cookie extraction": r"extract_cookies",
+    "    read_capped (httpx aiter_bytes)": r"read_capped ",
+    "  stamina/tenacity retry wrapper (incl. the attempt)": r"stamina/",
+    "  anyio cancel scopes (move_on_after, fail_after, shield)": r"CancelScope",
+    "  anyio task group per upload (_upload_local)": r"_upload_local",
+    "  anyio CapacityLimiter": r"CapacityLimiter",
+    "  models.parse_request / with_image_urls": r"apimart_async/models",
+    "  parse_task / parse_submit / parse_upload": r"parse_task |parse_submit |parse_upload ",
+    "  prepare_image (sniff, sha256)": r"prepare_image ",
+    "  UploadCache.get_or_upload (incl. the upload)": r"UploadCache\.get_or_upload ",
+    "  PollSchedule": r"PollSchedule",
+    "  Pipeline._feed": r"Pipeline\._feed ",
+    "pydantic (anything)": r"pydantic",
+    "json (anything)": r"json/",
+    "aiohttp (anything)": r"aiohttp/",
+    "httpx (anything)": r"httpx/",
+}
+PACKAGES = (
+    "apimart_async",
+    "httpx_aiohttp",
+    "httpx",
+    "httpcore",
+    "h11",
+    "aiohttp",
+    "multidict",
+    "yarl",
+    "pydantic_core",
+    "pydantic",
+    "stamina",
+    "tenacity",
+    "anyio",
+    "sniffio",
+    "asyncio",
+    "benchmarks",
+    "json",
+    "urllib",
+    "email",
+    "http",
+    "contextlib",
+    "random",
+    "uuid",
+    "inspect",
+)
+# Frames of start-up work that happens inside the loop but outside the measurement.
+_SETUP = re.compile(r"<module>|^png \(|^build \(|listcomp|warmup|prepare \(")
+
+
+def _package(frame: str) -> str:
+    match = re.search(r"\((.*?)(?::\d+)?\)$", frame)
+    path = match.group(1) if match else frame
+    for name in PACKAGES:
+        if f"/{name}/" in path or path.startswith(f"{name}/") or path.endswith(f"/{name}.py"):
+            return name
+    return path.rsplit("/", 1)[-1]
+
+
+def summarize_pyspy(raw: Path) -> None:
+    """Print the layer and self-time breakdown of a py-spy ``--format raw`` file."""
+    layers: collections.Counter[str] = collections.Counter()
+    own: collections.Counter[str] = collections.Counter()
+    total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        frames = stack.split(";")
+        if not any("_run_once" in f for f in frames) or any(_SETUP.search(f) for f in frames):
+            continue
+        n = int(count)
+        total += n
+        own[_package(frames[-1])] += n
+        for name, pattern in LAYERS.items():
+            if any(re.search(pattern, f) for f in frames):
+                layers[name] += n
+    if not total:
+        print("no samples inside the event loop")
+        return
+    print(f"\n{total} samples inside the event loop (setup and warm-up excluded)")
+    print("\ninclusive (share of samples with the layer on the stack):")
+    for name in LAYERS:
+        print(f"  {100 * layers[name] / total:5.1f}%  {name}")
+    print("\nself time by package of the innermost frame:")
+    for name, n in own.most_common(15):
+        print(f"  {100 * n / total:5.1f}%  {name}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m benchmarks.profiling", description=__doc__)
+    p.add_argument("--impl", default="apimart")
+    p.add_argument("-c", "--concurrency", type=int, default=200)
+    p.add_argument("-n", "--pipelines", type=int, default=4000)
+    p.add_argument("--cprofile", action="store_true", help="use cProfile even if py-spy exists")
+    args = p.parse_args(argv)
+    pyspy = None if args.cprofile else shutil.which("py-spy")
+    with FakeServer(latency="zero") as fake, tempfile.TemporaryDirectory() as tmp:
+        worker = [sys.executable, "-m", "benchmarks.worker", "--impl", args.impl]
+        worker += ["--base-url", fake.url, "--pipelines", str(args.pipelines)]
+        worker += ["--concurrency", str(args.concurrency)]
+        out = Path(tmp) / "profile"
+        if pyspy:
+            cmd = [pyspy, "record", "--format", "raw", "-r", "500", "-o", str(out), "--"]
+            subprocess.run([*cmd, *worker], check=True, capture_output=True)
+            summarize_pyspy(out)
+        else:
+            subprocess.run([*worker, "--profile", str(out)], check=True, capture_output=True)
+            stats = pstats.Stats(str(out))
+            stats.sort_stats("cumulative").print_stats(r"apimart_async|httpx|stamina", 40)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,63 @@
+"""The public surface is deliberate: every public module's ``__all__`` is exact."""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import pytest
+
+PUBLIC_MODULES = [
+    "apimart_async",
+    "apimart_async.models",
+    "apimart_async.types",
+    "apimart_async.testing",
+]
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_all_lists_exactly_the_public_names(name: str) -> None:
+    """__all__ names exist, are unique, and every public non-module name is listed."""
+    module = importlib.import_module(name)
+    exported = list(module.__all__)
+    assert len(exported) == len(set(exported))
+    for item in exported:
+        assert hasattr(module, item), f"{name}.__all__ lists missing {item!r}"
+    public = {
+        attr
+        for attr, value in vars(module).items()
+        if not attr.startswith("_")
+        and not isinstance(value, types.ModuleType)
+        and getattr(value, "__module__", name).startswith("apimart_async")
+        # Root classes imported by a submodule for its own use are not its exports.
+        and (name == "apimart_async" or getattr(value, "__module__", "") != "apimart_async")
+        and attr not in {"annotations", "TYPE_CHECKING"}
+    }
+    assert public <= set(exported) | {"__version__"}, sorted(public - set(exported))
+
+
+def test_root_exports_the_error_tree_and_client() -> None:
+    """The client, config objects and every error class import from the root."""
+    import apimart_async as am
+
+    assert issubclass(am.APITimeoutError, am.APIConnectionError)
+    assert issubclass(am.APITimeoutError, TimeoutError)
+    assert issubclass(am.TaskTimeoutError, am.TaskError) and issubclass(
+        am.TaskTimeoutError, TimeoutError
+    )
+    assert issubclass(am.UnknownModelError, am.InvalidRequestError)
+    assert issubclass(am.InvalidImageError, ValueError)
+    assert not issubclass(am.InvalidRequestError, am.ApimartError)
+    assert am.AsyncApimart.__module__ == "apimart_async"
+    assert isinstance(am.__version__, str)
+
+
+def test_import_has_no_side_effects(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Importing creates no client and reads no environment."""
+    import sys
+
+    monkeypatch.setenv("APIMART_API_KEY", "should-not-be-read-at-import")
+    for mod in [m for m in sys.modules if m.startswith("apimart_async")]:
+        monkeypatch.delitem(sys.modules, mod)
+    module = importlib.import_module("apimart_async")
+    assert not any(type(v).__name__ == "AsyncApimart" for v in vars(module).values())
