@@ -160,13 +160,15 @@ class AsyncApimart:
         self._retry_uncertain = retry_uncertain_submits
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._owns_http = http_client is None
+        own_transport: httpx.AsyncBaseTransport | None = None
         if http_client is None:
             pool = httpx.Limits(
                 max_connections=self._limits.connections,
                 max_keepalive_connections=self._limits.connections,
             )
+            own_transport = transport or default_transport(pool)
             http_client = httpx.AsyncClient(
-                transport=transport or default_transport(pool),
+                transport=own_transport,
                 limits=pool,
                 timeout=self._timeout,
                 follow_redirects=False,
@@ -174,6 +176,7 @@ class AsyncApimart:
             )
         self._http = HttpCore(
             http_client,
+            transport=own_transport,
             base_url=base,
             api_key=api_key,
             retry=self._retry,

@@ -176,12 +176,24 @@ class HttpCore:
     API origin and is never part of a repr or a message.
     """
 
-    __slots__ = ("_auth", "_base", "_cap", "_client", "_default_headers", "_retry", "_timeout")
+    __slots__ = (
+        "_auth",
+        "_base",
+        "_cap",
+        "_client",
+        "_default_headers",
+        "_prefix",
+        "_retry",
+        "_timeout",
+        "_timeouts",
+        "_transport",
+    )
 
     def __init__(
         self,
         client: httpx.AsyncClient,
         *,
+        transport: httpx.AsyncBaseTransport | None = None,
         base_url: httpx.URL,
         api_key: str,
         retry: RetryPolicy,
@@ -190,7 +202,13 @@ class HttpCore:
         headers: Mapping[str, str],
     ) -> None:
         self._client = client
+        # Our own pool: API calls go straight to the transport. httpx's client layer
+        # (cookies, auth flows, redirects, event hooks) does nothing we use on them and
+        # is most of its per-request cost. A borrowed client keeps its full behaviour.
+        self._transport = transport
         self._base = base_url
+        self._prefix = str(base_url).rstrip("/")
+        self._timeouts = timeout.as_dict()
         self._auth = {"Authorization": f"Bearer {api_key}"}
         self._retry = retry
         self._timeout = timeout
@@ -204,8 +222,7 @@ class HttpCore:
 
     def url(self, path: str) -> httpx.URL:
         """An absolute URL on the API origin, keeping any path prefix of the base URL."""
-        prefix = self._base.raw_path.rstrip(b"/")
-        return self._base.copy_with(raw_path=prefix + path.encode("ascii"))
+        return httpx.URL(self._prefix + path)
 
     def is_api_origin(self, url: httpx.URL) -> bool:
         """Whether *url* shares scheme, host and port with the API base URL."""
@@ -223,15 +240,25 @@ class HttpCore:
     ) -> Any:
         """One attempt: send, read under the cap, raise our error or return parsed JSON."""
         all_headers = {**self._default_headers, **(headers or {}), **self._auth}
-        request = self._client.build_request(
-            method,
-            self.url(path),
-            content=content,
-            headers=all_headers,
-            timeout=timeout or self._timeout,
-        )
         try:
-            response = await self._client.send(request, stream=True, follow_redirects=False)
+            if self._transport is not None:
+                request = httpx.Request(
+                    method,
+                    self.url(path),
+                    content=content,
+                    headers=all_headers,
+                    extensions={"timeout": timeout.as_dict() if timeout else self._timeouts},
+                )
+                response = await self._transport.handle_async_request(request)
+            else:
+                request = self._client.build_request(
+                    method,
+                    self.url(path),
+                    content=content,
+                    headers=all_headers,
+                    timeout=timeout or self._timeout,
+                )
+                response = await self._client.send(request, stream=True, follow_redirects=False)
             try:
                 raw = await read_capped(response, self._cap)
             finally:
@@ -272,7 +299,8 @@ class HttpCore:
                 wait_initial=policy.wait_initial,
                 wait_max=policy.wait_max,
                 wait_jitter=policy.wait_jitter,
-            ).on(hook)
+            ).on(hook),
+            hook,
         )
 
 
@@ -283,13 +311,32 @@ class RetryingCall:
     arguments of the retried call, and ours would include headers.
     """
 
-    __slots__ = ("_bound",)
+    __slots__ = ("_bound", "_hook")
 
-    def __init__(self, bound: stamina.BoundAsyncRetryingCaller) -> None:
+    def __init__(self, bound: stamina.BoundAsyncRetryingCaller, hook: BackoffHook) -> None:
         self._bound = bound
+        self._hook = hook
 
     async def __call__(self, attempt: Callable[[], Awaitable[T]]) -> T:
-        return await self._bound(attempt)
+        # Most calls succeed first time; setting up stamina's retry state for each
+        # costs more than the request's own parsing, so the first attempt runs bare.
+        try:
+            return await attempt()
+        except Exception as exc:
+            if self._hook(exc) is False:
+                raise
+            first: Exception | None = exc
+
+        async def replay_then_attempt() -> T:
+            # Stamina sees the first failure as its own attempt 1, so it backs off
+            # (honouring Retry-After) and counts attempts exactly as if it ran it.
+            nonlocal first
+            if first is not None:
+                failed, first = first, None
+                raise failed
+            return await attempt()
+
+        return await self._bound(replay_then_attempt)
 
 
 def describe(exc: BaseException) -> str:
