@@ -92,7 +92,7 @@ class PollPolicy:
     """
 
     first_fraction: float = 0.2
-    first_default: float = 5.0
+    first_default: float = 3.0
     first_min: float = 1.0
     first_max: float = 15.0
     backoff: float = 1.6

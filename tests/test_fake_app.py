@@ -620,8 +620,8 @@ async def test_invalid_idempotency_key_is_400() -> None:
 
 
 async def test_max_in_flight_counts_concurrent_requests() -> None:
-    """20 concurrent requests held 20 ms each are all in flight at once."""
-    fake = FakeApimart(latency=Latency.fast(request_latency=(0.02, 0.02)))
+    """20 concurrent requests held 50 ms each are all in flight at once."""
+    fake = FakeApimart(latency=Latency.fast(request_latency=(0.05, 0.05)))
     async with client(fake) as c, anyio.create_task_group() as tg:
         for _ in range(20):
             tg.start_soon(submit, c)

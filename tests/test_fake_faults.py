@@ -109,10 +109,10 @@ async def test_stall_trips_the_read_timeout_in_process() -> None:
     """A stalled answer trips a short read timeout as httpx.ReadTimeout."""
     fake = FakeApimart(faults=Faults(stall_seconds=30.0))
     fake.script("poll", ["stall"])
-    async with client(fake, timeout=httpx.Timeout(5.0, read=0.02)) as c:
+    async with client(fake) as c:
         task_id = await submit_id(c)
         with pytest.raises(httpx.ReadTimeout):
-            await c.get(f"/v1/tasks/{task_id}")
+            await c.get(f"/v1/tasks/{task_id}", timeout=httpx.Timeout(5.0, read=0.02))
         assert (await c.get(f"/v1/tasks/{task_id}")).status_code == 200
     assert fake.stats.in_flight == 0 and fake.stats.faults == {"stall": 1}
     assert fake.task(task_id).polls == 2  # the stalled poll was processed

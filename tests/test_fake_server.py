@@ -134,16 +134,16 @@ async def test_faults_over_real_http() -> None:
     fake.script("submit", ["drop_after_submit", "reset", "stall", "rate_limit", None])
     body = {"model": "imagen-4.0-apimart", "prompt": "x"}
     async with fake.serve() as base_url:
-        timeout = httpx.Timeout(5.0, read=0.2)
-        async with httpx.AsyncClient(
-            base_url=base_url, headers={"Authorization": "Bearer test"}, timeout=timeout
-        ) as c:
+        auth = {"Authorization": "Bearer test"}
+        async with httpx.AsyncClient(base_url=base_url, headers=auth, timeout=10.0) as c:
             with pytest.raises(httpx.RemoteProtocolError):
                 await c.post("/v1/images/generations", json=body)
             with pytest.raises((httpx.RemoteProtocolError, httpx.ReadError)):
                 await c.post("/v1/images/generations", json=body)
             with pytest.raises(httpx.ReadTimeout):
-                await c.post("/v1/images/generations", json=body)
+                await c.post(
+                    "/v1/images/generations", json=body, timeout=httpx.Timeout(5, read=0.2)
+                )
             limited = await c.post("/v1/images/generations", json=body)
             ok = await c.post("/v1/images/generations", json=body)
     assert limited.status_code == 429 and limited.headers["retry-after"] == "1"

@@ -1,0 +1,191 @@
+"""Building the client the command line asks for: the real API, or the embedded fake.
+
+Configuration comes from flags, then ``APIMART_API_KEY`` / ``APIMART_BASE_URL`` (the
+client reads those itself). ``--fake`` (and ``apimart demo``) use an in-process
+``FakeApimart`` whose clock and the client's poll schedule are scaled by the same
+*time_scale*, so a "15 s" task takes 1.5 s and is polled on the same, faster, schedule.
+
+``Runtime`` is what the command line does not choose: tests pass a ``FakeApimart`` of
+their own (to read its counters afterwards) and an event spy.
+
+A batch watches its own submits through ``SubmitWatch``, a transport wrapper that
+reports every submit (its ``Idempotency-Key`` and exact body) just before it goes on
+the wire, so the journal can tell "never sent" from "maybe created a task".
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, cast, get_args
+
+import httpx
+
+from apimart_async import AsyncApimart, Limits, PollPolicy, RetryPolicy
+from apimart_async.testing import Endpoint, FakeApimart, Faults, FaultsSpec, Latency
+
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable
+
+    from apimart_async import Event
+
+__all__ = [
+    "DEFAULT_FAKE_SCALE",
+    "ClientOptions",
+    "Runtime",
+    "SubmitWatch",
+    "UsageError",
+    "make_client",
+    "make_fake",
+]
+
+DEFAULT_FAKE_SCALE = 0.1
+"""Real seconds per service second in the embedded fake: a 15 s task takes 1.5 s."""
+SUBMIT_PATH = "/v1/images/generations"
+# The real client's default deadline and the fake's request latency, in service seconds.
+_DEFAULT_WAIT = 900.0
+_FAKE_REQUEST_LATENCY = (0.2, 1.0)
+_MISSING_KEY = (
+    "no API key. Set it with `export APIMART_API_KEY=sk-...` (or pass --api-key KEY); "
+    "to try things without one, add --fake or run `apimart demo`"
+)
+
+
+class UsageError(Exception):
+    """A problem with the command line or the configuration (exit status 2)."""
+
+
+@dataclass
+class Runtime:
+    """What the command line does not choose (tests set these)."""
+
+    fake: FakeApimart | None = None
+    """Use this fake instead of the network (as ``--fake`` does, but a persistent one)."""
+    on_event: Callable[[Event], object] | None = None
+    """Called with every client event, after the journal has recorded it."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientOptions:
+    """The client-related flags of one command."""
+
+    api_key: str | None = None
+    base_url: str | None = None
+    fake: bool = False
+    fake_latency: str | None = None
+    fake_faults: str | None = None
+    time_scale: float | None = None
+    seed: int = 0
+    poll_rps: float | None = None
+    timeout: float | None = None
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> ClientOptions:
+        """Pick the fields this command has out of *args*."""
+        names = cls.__dataclass_fields__
+        return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
+
+
+class SubmitWatch(httpx.AsyncBaseTransport):
+    """Calls ``on_submit(idempotency_key, body)`` just before each submit is sent.
+
+    If *on_submit* raises, the submit is not sent (and the job fails with that error),
+    so a submit is never in flight without the journal knowing.
+    """
+
+    def __init__(
+        self, inner: httpx.AsyncBaseTransport, on_submit: Callable[[str, bytes], None]
+    ) -> None:
+        self._inner = inner
+        self._on_submit = on_submit
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Report a submit, then send any request through the wrapped transport."""
+        if request.method == "POST" and request.url.path.endswith(SUBMIT_PATH):
+            key = request.headers.get("Idempotency-Key")
+            if key:
+                self._on_submit(key, request.content)
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        """Close the wrapped transport."""
+        await self._inner.aclose()
+
+
+def make_fake(options: ClientOptions) -> FakeApimart:
+    """The embedded fake ``--fake`` describes (realistic latency, scaled, no faults)."""
+    scale = options.time_scale or DEFAULT_FAKE_SCALE
+    try:
+        if options.fake_latency:
+            latency = Latency.parse(options.fake_latency, time_scale=scale)
+        else:
+            low, high = _FAKE_REQUEST_LATENCY
+            latency = Latency.realistic(
+                time_scale=scale, request_latency=(low * scale, high * scale)
+            )
+        faults = _faults(options.fake_faults) if options.fake_faults else None
+    except (ValueError, TypeError) as exc:
+        raise UsageError(str(exc)) from None
+    return FakeApimart(api_key="fake", latency=latency, faults=faults, seed=options.seed)
+
+
+def _faults(text: str) -> FaultsSpec:
+    try:
+        data: object = json.loads(text)
+    except ValueError as exc:
+        raise UsageError(f"--fake-faults is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise UsageError("--fake-faults must be a JSON object of Faults fields")
+    spec = cast("dict[str, Any]", data)
+    if spec and all(k in get_args(Endpoint) for k in spec):
+        return {k: Faults.from_dict(v) for k, v in spec.items()}  # type: ignore[misc]
+    return Faults.from_dict(spec)
+
+
+def make_client(
+    options: ClientOptions,
+    runtime: Runtime,
+    *,
+    on_submit: Callable[[str, bytes], None] | None = None,
+) -> tuple[AsyncApimart, FakeApimart | None]:
+    """The client for *options*, and the fake it talks to (None for the real API).
+
+    Raises ``UsageError`` for a missing key or a bad base URL.
+    """
+    fake = runtime.fake or (make_fake(options) if options.fake else None)
+    limits = Limits(poll_rate=options.poll_rps) if options.poll_rps else None
+    kwargs: dict[str, Any] = {"limits": limits, "wait_timeout": options.timeout}
+    inner: httpx.AsyncBaseTransport | None = None
+    if fake is not None:
+        scale = options.time_scale or fake.latency.time_scale or 1.0
+        inner = fake.transport()
+        kwargs.update(
+            api_key=fake.api_key,
+            poll=PollPolicy().scaled(scale),
+            retry=RetryPolicy(wait_initial=0.5 * scale, wait_max=20 * scale, wait_jitter=scale),
+            limits=limits or Limits(poll_rate=10_000.0, poll_burst=1_000),
+            wait_timeout=options.timeout or _DEFAULT_WAIT * scale,
+        )
+    else:
+        kwargs.update(api_key=options.api_key, base_url=options.base_url)
+        if options.time_scale:  # for benchmarks and tests against a local fake server
+            kwargs["poll"] = PollPolicy().scaled(options.time_scale)
+        if options.timeout is None:
+            del kwargs["wait_timeout"]
+        if on_submit is not None:
+            # httpx ignores the client's pool limits once a transport is given.
+            size = (limits or Limits()).connections
+            pool = httpx.Limits(max_connections=size, max_keepalive_connections=size)
+            inner = httpx.AsyncHTTPTransport(limits=pool, retries=0)
+    if kwargs["limits"] is None:
+        del kwargs["limits"]
+    if inner is not None:
+        kwargs["transport"] = SubmitWatch(inner, on_submit) if on_submit is not None else inner
+    try:
+        client = AsyncApimart(**kwargs)
+    except ValueError as exc:
+        if "APIMART_API_KEY" in str(exc):
+            raise UsageError(_MISSING_KEY) from None
+        raise UsageError(str(exc)) from None
+    return client, fake

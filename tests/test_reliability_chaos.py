@@ -1,0 +1,151 @@
+"""Chaos at small size: the ``benchmarks/chaos.py`` scenario with a few hundred pipelines.
+
+The scenario (fault mix, requests, invariants) lives in ``benchmarks.chaos`` so that
+this test and the 2,000-pipeline benchmark cannot drift apart; here it runs on both
+backends, in-process and over real HTTP, and every invariant is asserted.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from collections import Counter
+from pathlib import Path
+
+import anyio
+import httpx
+import pytest
+import stamina
+
+import apimart_async as am
+from apimart_async import AsyncApimart, Limits, PollPolicy
+from apimart_async.testing import FakeApimart, Faults, Latency
+from benchmarks.chaos import CHAOS_FAULTS, MODES, ChaosConfig, ChaosRun, count_sockets, run_chaos
+
+if sys.version_info < (3, 11):
+    from exceptiongroup import BaseExceptionGroup
+
+pytestmark = [
+    pytest.mark.anyio,
+    # Known bug, pinned by test_rejected_bodies_close_their_stream in
+    # test_reliability_hostile.py: a download rejected mid-stream leaves httpx's
+    # aiter_bytes generator to the garbage collector, which trio reports. Remove this
+    # filter once that test passes.
+    pytest.mark.filterwarnings(
+        "ignore:Async generator 'httpx._models.Response.aiter_bytes':ResourceWarning"
+    ),
+]
+
+# Polls answer 429 *without* Retry-After here: with one, a 429 in the last Retry-After
+# seconds before a stuck task's deadline ends the job as RateLimitError instead of
+# TaskTimeoutError (a known bug, pinned by test_rate_limit_near_the_deadline_is_a_timeout
+# below). Uploads, submits and downloads keep the Retry-After header.
+_POLL_FAULTS = dataclasses.replace(CHAOS_FAULTS, retry_after=None)
+_FAULTS = {"upload": CHAOS_FAULTS, "submit": CHAOS_FAULTS, "download": CHAOS_FAULTS}
+SMALL = ChaosConfig(
+    jobs=200,
+    concurrency=50,
+    timeout=1.5,
+    faults={**_FAULTS, "poll": _POLL_FAULTS},
+)
+
+
+def check_common(run: ChaosRun) -> None:
+    """The invariants both modes share, asserted one by one for readable failures."""
+    assert run.violations() == []
+    assert Counter(o.index for o in run.outcomes) == Counter(range(SMALL.jobs))
+    for outcome in run.outcomes:
+        assert outcome.ok or isinstance(outcome.error, am.ApimartError), outcome.error
+        assert not isinstance(outcome.error, BaseExceptionGroup)
+    assert run.fake.duplicate_keys() == []
+    assert run.leaked_tasks == 0 and run.fake.stats.in_flight == 0 and run.client_closed
+    injected = run.fake.stats.faults
+    assert {"server_error", "rate_limit", "reset", "task_failed"} <= set(injected)
+    assert not [p for p in run.download_dir.iterdir() if p.name.startswith(".")]
+
+
+async def test_chaos_keys_ignored_never_pays_twice(tmp_path: Path) -> None:
+    """Fake ignores keys: one outcome each, typed errors, 0 duplicates, ambiguity surfaced."""
+    with stamina.set_testing(True, attempts=SMALL.retry_attempts, cap=True):
+        run = await run_chaos(SMALL, "keys-ignored", tmp_path)
+    check_common(run)
+    uncertain = [o for o in run.outcomes if isinstance(o.error, am.SubmissionUncertainError)]
+    assert {o.idempotency_key for o in uncertain} == run.ambiguous_keys()
+    by_key = run.fake.stats.tasks_by_key
+    assert all(len(by_key.get(o.idempotency_key, ())) <= 1 for o in run.outcomes)
+    assert run.completed() and uncertain
+
+
+async def test_chaos_keys_honoured_with_retry_completes_each_job_once(tmp_path: Path) -> None:
+    """Fake honours keys + retry_uncertain_submits: exactly one task per job, none uncertain."""
+    with stamina.set_testing(True, attempts=SMALL.retry_attempts, cap=True):
+        run = await run_chaos(SMALL, "keys-honoured", tmp_path)
+    check_common(run)
+    by_key = run.fake.stats.tasks_by_key
+    assert all(len(by_key[o.idempotency_key]) == 1 for o in run.outcomes)
+    assert run.fake.stats.tasks_created == SMALL.jobs
+    assert not any(isinstance(o.error, am.SubmissionUncertainError) for o in run.outcomes)
+    fates = Counter(run.fake.tasks[o.task.id].fate for o in run.outcomes if o.task)
+    assert len(run.completed()) == fates["complete"]
+    assert run.fake.stats.replays > 0  # ambiguous submits were resent and replayed
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_chaos_over_real_http_closes_every_socket(tmp_path: Path, mode: str) -> None:
+    """Over uvicorn: same invariants, and no socket stays open once the client closed."""
+    config = dataclasses.replace(SMALL, jobs=100, server=True)
+    with stamina.set_testing(True, attempts=config.retry_attempts, cap=True):
+        run = await run_chaos(config, mode, tmp_path)
+    assert run.violations() == []
+    assert run.open_sockets == 0
+    assert run.fake.duplicate_keys() == []
+
+
+async def test_pool_connections_are_idle_after_a_faulty_batch() -> None:
+    """An httpx pool against a real server has no active connection after a faulty batch."""
+    fake = FakeApimart(
+        api_key="test-key", faults=Faults(reset=0.1, drop_after_submit=0.05, server_error=0.1)
+    )
+    transport = httpx.AsyncHTTPTransport(retries=0)
+    async with fake.serve() as base_url:
+        before = count_sockets()
+        async with httpx.AsyncClient(transport=transport) as http:
+            async with AsyncApimart(
+                api_key="test-key",
+                base_url=base_url,
+                http_client=http,
+                poll=PollPolicy().scaled(0.001),
+                limits=Limits(poll_rate=100_000.0, poll_burst=1_000),
+            ) as client:
+                items = [{"model": "imagen-4.0-apimart", "prompt": f"p{i}"} for i in range(60)]
+                async with client.generate_many(items, concurrency=20) as outcomes:
+                    async for _ in outcomes:
+                        pass
+            connections = transport._pool.connections
+            assert connections and all(c.is_idle() or c.is_closed() for c in connections)
+        assert transport._pool.connections == []
+        assert fake.stats.in_flight == 0
+        with anyio.fail_after(5):
+            while (count_sockets() or 0) > (before or 0):
+                await anyio.sleep(0.05)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="BUG: _client._transient uses the deadline-aware hook, so wait() raises "
+    "RateLimitError instead of TaskTimeoutError when a 429's Retry-After outlasts the deadline",
+)
+async def test_rate_limit_near_the_deadline_is_a_timeout() -> None:
+    """A 429 whose Retry-After passes the wait deadline still ends as TaskTimeoutError."""
+    fake = FakeApimart(api_key="test-key", latency=Latency.fixed(60.0))
+    async with AsyncApimart(
+        api_key="test-key",
+        transport=fake.transport(),
+        poll=PollPolicy().scaled(0.001),
+        limits=Limits(poll_rate=100_000.0, poll_burst=1_000),
+    ) as client:
+        task = await client.submit(model="imagen-4.0-apimart", prompt="slow")
+        fake.faults = Faults(rate_limit=1.0, retry_after=30.0, only=("poll",))
+        with pytest.raises(am.TaskTimeoutError) as info:
+            await client.wait(task, timeout=0.3)
+    assert info.value.task_id == task.id
