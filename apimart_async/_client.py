@@ -29,7 +29,7 @@ from ._exceptions import (
     TaskFailedError,
     TaskTimeoutError,
 )
-from ._http import HttpCore, idempotent_hook, is_ambiguous, submit_hook
+from ._http import HttpCore, idempotent_hook, is_ambiguous, is_transient, submit_hook
 from ._parsing import parse_submit, parse_task, parse_upload
 from ._pipeline import JobState, Pipeline
 from ._polling import PollSchedule, RateLimiter
@@ -441,7 +441,7 @@ class AsyncApimart:
                     async with self._poll_limiter:
                         current = await self.get_task(task_id)
                 except ApimartError as exc:
-                    if not _transient(exc):
+                    if not is_transient(exc):
                         raise
                     # Retries are spent; keep the task alive and ask again later.
                     delay = schedule.next_delay(
@@ -672,14 +672,6 @@ def _downloaded(task: Task, paths: list[Path]) -> Event:
 
 def _limits_kwargs(limits: Limits) -> dict[str, Any]:
     return {f: getattr(limits, f) for f in Limits.__dataclass_fields__}
-
-
-_RETRYABLE = idempotent_hook(float("inf"))
-
-
-def _transient(exc: ApimartError) -> bool:
-    """Worth asking again later in a long wait (what idempotent calls retry)."""
-    return _RETRYABLE(exc) is not False
 
 
 def _raw_dict(data: object) -> dict[str, Any]:

@@ -36,7 +36,7 @@ from ._exceptions import (
     APITimeoutError,
     RateLimitError,
 )
-from ._parsing import as_object, decode_json, error_from_body
+from ._parsing import as_object, decode_json, error_from_body, parse_retry_after
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, Mapping
@@ -99,9 +99,16 @@ def _retry_after(exc: APIStatusError, cap: float) -> bool | float:
 
 
 def _header_retry_after(exc: APIStatusError) -> float | None:
-    from ._parsing import parse_retry_after
-
     return parse_retry_after(exc.headers.get("retry-after"))
+
+
+def is_transient(exc: Exception) -> bool:
+    """Whether repeating a safe call could succeed: the retry classes, deadline aside."""
+    if isinstance(exc, APIConnectionError | APIResponseValidationError):
+        return True
+    if isinstance(exc, APIStatusError):
+        return exc.status_code in (408, 429) or exc.status_code >= 500
+    return False
 
 
 def idempotent_hook(retry_after_max: float) -> BackoffHook:
@@ -112,13 +119,11 @@ def idempotent_hook(retry_after_max: float) -> BackoffHook:
     """
 
     def hook(exc: Exception) -> bool | float:
-        if isinstance(exc, APIConnectionError | APIResponseValidationError):
-            return True
-        if isinstance(exc, APIStatusError):
-            if exc.status_code == 429 or exc.status_code >= 500:
-                return _retry_after(exc, retry_after_max)
-            return exc.status_code == 408
-        return False
+        if not is_transient(exc):
+            return False
+        if isinstance(exc, APIStatusError) and exc.status_code != 408:
+            return _retry_after(exc, retry_after_max)
+        return True
 
     return hook
 

@@ -45,7 +45,7 @@ _FAULTS = {"upload": CHAOS_FAULTS, "submit": CHAOS_FAULTS, "download": CHAOS_FAU
 SMALL = ChaosConfig(
     jobs=200,
     concurrency=50,
-    timeout=1.5,
+    timeout=1.0,
     faults={**_FAULTS, "poll": _POLL_FAULTS},
 )
 
