@@ -20,8 +20,10 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import httpx
 
+from ._http import Exchange, check_declared_size, too_large
+
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterator
+    from collections.abc import AsyncIterable, AsyncIterator
 
 __all__ = ["AiohttpTransport"]
 
@@ -70,6 +72,8 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._max_connections = max_connections
         self._keepalive = keepalive_expiry
         self._session: aiohttp.ClientSession | None = None
+        # A handful of distinct timeout settings exist per client; build each once.
+        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
 
     def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -90,12 +94,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send *request*; map aiohttp failures onto httpx's exception classes."""
         timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
-        timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=timeouts.get("pool"),
-            sock_connect=timeouts.get("connect"),
-            sock_read=timeouts.get("read"),
-        )
+        timeout = self._timeout(timeouts.get("connect"), timeouts.get("pool"), timeouts.get("read"))
         data: Any
         try:
             data = request.content
@@ -119,6 +118,54 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             stream=_Stream(response),
             extensions={"http_version": b"HTTP/1.1"},
         )
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        timeout: httpx.Timeout,
+        cap: int,
+    ) -> Exchange:
+        """An API call without any httpx objects: the hot path of every pipeline.
+
+        Reads the whole body under *cap*. Transport failures are httpx's classes, mapped
+        exactly as ``handle_async_request`` maps them.
+        """
+        try:
+            async with self._get_session().request(
+                method,
+                url,
+                headers=headers,
+                data=content,
+                allow_redirects=False,
+                timeout=self._timeout(timeout.connect, timeout.pool, timeout.read),
+                compress=None,
+            ) as response:
+                status = response.status
+                check_declared_size(response.headers, status, cap)
+                chunks: list[bytes] = []
+                total = 0
+                async for chunk in response.content.iter_any():
+                    total += len(chunk)
+                    if total > cap:
+                        raise too_large(status, cap)
+                    chunks.append(chunk)
+                return Exchange(status, response.headers, b"".join(chunks))
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            raise _map_error(exc) from exc
+
+    def _timeout(
+        self, connect: float | None, pool: float | None, read: float | None
+    ) -> aiohttp.ClientTimeout:
+        key = (connect, pool, read)
+        cached = self._timeouts.get(key)
+        if cached is None:
+            cached = self._timeouts[key] = aiohttp.ClientTimeout(
+                total=None, connect=pool, sock_connect=connect, sock_read=read
+            )
+        return cached
 
     async def aclose(self) -> None:
         """Close the session and its connections."""

@@ -146,11 +146,11 @@ async def _fetch_one(
         try:
             response = await client.send(request, stream=True, auth=None, follow_redirects=True)
         except httpx.TransportError as exc:
-            raise map_transport_error(exc, request) from exc
+            raise map_transport_error(exc, request.method, url) from exc
         try:
             content_type = await _stream_to(response, tmp, max_bytes, url)
         except httpx.TransportError as exc:
-            raise map_transport_error(exc, request) from exc
+            raise map_transport_error(exc, request.method, url) from exc
         finally:
             await response.aclose()
         final = directory / f"{stem}.{_EXT[content_type]}"

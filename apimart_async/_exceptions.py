@@ -137,7 +137,7 @@ class APIStatusError(ApimartError):
         self.type = type
         self.param = param
         self.body = body
-        self.headers: dict[str, str] = dict(headers or {})
+        self.headers: dict[str, str] = {k.lower(): v for k, v in (headers or {}).items()}
         label = f" [{code}]" if code not in (None, "") else ""
         super().__init__(f"HTTP {status_code}{label}: {message}")
 

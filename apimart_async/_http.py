@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
 import anyio
 import httpx
@@ -43,7 +43,16 @@ if TYPE_CHECKING:
 
     from ._config import RetryPolicy
 
-__all__ = ["HttpCore", "idempotent_hook", "map_transport_error", "read_capped", "submit_hook"]
+__all__ = [
+    "Exchange",
+    "HttpCore",
+    "check_declared_size",
+    "idempotent_hook",
+    "map_transport_error",
+    "read_capped",
+    "submit_hook",
+    "too_large",
+]
 
 logger = logging.getLogger("apimart_async")
 
@@ -54,33 +63,122 @@ BackoffHook = Callable[[Exception], "bool | float"]
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
 
 
-def map_transport_error(exc: httpx.TransportError, request: httpx.Request) -> APIConnectionError:
+def map_transport_error(exc: httpx.TransportError, method: str, url: str) -> APIConnectionError:
     """Translate an httpx transport failure, keeping whether the request was sent."""
     sent = not isinstance(exc, _NOT_SENT)
     # httpx messages name the failure, never headers; the URL carries no secret.
     message = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     cls = APITimeoutError if isinstance(exc, httpx.TimeoutException) else APIConnectionError
-    return cls(message, method=request.method, url=str(request.url), sent=sent)
+    return cls(message, method=method, url=url, sent=sent)
 
 
-async def read_capped(response: httpx.Response, cap: int) -> bytes:
-    """Read a streamed body, refusing anything larger than *cap* bytes."""
-    declared = response.headers.get("content-length")
+def check_declared_size(headers: Mapping[str, str], status: int, cap: int) -> None:
+    """Refuse a body whose declared length is over *cap* before reading any of it."""
+    declared = headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise APIResponseValidationError(
             f"response body of {int(declared)} bytes exceeds the {cap}-byte cap",
-            status_code=response.status_code,
+            status_code=status,
         )
+
+
+def too_large(status: int, cap: int) -> APIResponseValidationError:
+    """The error for a body that grew past *cap* while being read."""
+    return APIResponseValidationError(
+        f"response body exceeds the {cap}-byte cap", status_code=status
+    )
+
+
+async def read_capped(response: httpx.Response, cap: int) -> bytes:
+    """Read a streamed httpx body, refusing anything larger than *cap* bytes."""
+    check_declared_size(response.headers, response.status_code, cap)
     chunks: list[bytes] = []
     total = 0
     async for chunk in response.aiter_bytes():
         total += len(chunk)
         if total > cap:
-            raise APIResponseValidationError(
-                f"response body exceeds the {cap}-byte cap", status_code=response.status_code
-            )
+            raise too_large(response.status_code, cap)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+class Exchange(NamedTuple):
+    """One HTTP exchange, read whole (under the cap)."""
+
+    status: int
+    headers: Mapping[str, str]  # case-insensitive
+    body: bytes
+
+
+class Exchanger(Protocol):
+    """Something that performs an ``Exchange``; transport errors are httpx's classes."""
+
+    async def __call__(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        timeout: httpx.Timeout,
+        cap: int,
+    ) -> Exchange: ...
+
+
+def via_transport(transport: httpx.AsyncBaseTransport) -> Exchanger:
+    """Exchanges straight through *transport*, or its own faster path if it has one.
+
+    httpx's client layer (cookies, auth flows, redirects, event hooks) does nothing we
+    use on API calls and is most of its per-request cost, so our own pool skips it.
+    """
+    direct = getattr(transport, "exchange", None)
+    if direct is not None:
+        return cast("Exchanger", direct)
+
+    async def exchange(
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        timeout: httpx.Timeout,
+        cap: int,
+    ) -> Exchange:
+        request = httpx.Request(
+            method, url, content=content, headers=headers, extensions={"timeout": timeout.as_dict()}
+        )
+        response = await transport.handle_async_request(request)
+        try:
+            return Exchange(
+                response.status_code, response.headers, await read_capped(response, cap)
+            )
+        finally:
+            await response.aclose()
+
+    return exchange
+
+
+def via_client(client: httpx.AsyncClient) -> Exchanger:
+    """Exchanges through a borrowed client, keeping its hooks, proxies and mounts."""
+
+    async def exchange(
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        timeout: httpx.Timeout,
+        cap: int,
+    ) -> Exchange:
+        request = client.build_request(
+            method, url, content=content, headers=headers, timeout=timeout
+        )
+        response = await client.send(request, stream=True, follow_redirects=False)
+        try:
+            return Exchange(
+                response.status_code, response.headers, await read_capped(response, cap)
+            )
+        finally:
+            await response.aclose()
+
+    return exchange
 
 
 def _time_left() -> float:
@@ -187,11 +285,10 @@ class HttpCore:
         "_cap",
         "_client",
         "_default_headers",
+        "_exchange",
         "_prefix",
         "_retry",
         "_timeout",
-        "_timeouts",
-        "_transport",
     )
 
     def __init__(
@@ -207,13 +304,11 @@ class HttpCore:
         headers: Mapping[str, str],
     ) -> None:
         self._client = client
-        # Our own pool: API calls go straight to the transport. httpx's client layer
-        # (cookies, auth flows, redirects, event hooks) does nothing we use on them and
-        # is most of its per-request cost. A borrowed client keeps its full behaviour.
-        self._transport = transport
+        # Our own pool (*transport* given): straight to the transport. A borrowed client
+        # keeps its full behaviour (hooks, proxies, mounts).
+        self._exchange = via_transport(transport) if transport is not None else via_client(client)
         self._base = base_url
         self._prefix = str(base_url).rstrip("/")
-        self._timeouts = timeout.as_dict()
         self._auth = {"Authorization": f"Bearer {api_key}"}
         self._retry = retry
         self._timeout = timeout
@@ -225,14 +320,9 @@ class HttpCore:
         """The underlying pool (shared with downloads, which never get the key)."""
         return self._client
 
-    def url(self, path: str) -> httpx.URL:
+    def url(self, path: str) -> str:
         """An absolute URL on the API origin, keeping any path prefix of the base URL."""
-        return httpx.URL(self._prefix + path)
-
-    def is_api_origin(self, url: httpx.URL) -> bool:
-        """Whether *url* shares scheme, host and port with the API base URL."""
-        base = self._base
-        return (url.scheme, url.host, url.port) == (base.scheme, base.host, base.port)
+        return self._prefix + path
 
     async def request_json(
         self,
@@ -245,32 +335,13 @@ class HttpCore:
     ) -> Any:
         """One attempt: send, read under the cap, raise our error or return parsed JSON."""
         all_headers = {**self._default_headers, **(headers or {}), **self._auth}
+        url = self._prefix + path
         try:
-            if self._transport is not None:
-                request = httpx.Request(
-                    method,
-                    self.url(path),
-                    content=content,
-                    headers=all_headers,
-                    extensions={"timeout": timeout.as_dict() if timeout else self._timeouts},
-                )
-                response = await self._transport.handle_async_request(request)
-            else:
-                request = self._client.build_request(
-                    method,
-                    self.url(path),
-                    content=content,
-                    headers=all_headers,
-                    timeout=timeout or self._timeout,
-                )
-                response = await self._client.send(request, stream=True, follow_redirects=False)
-            try:
-                raw = await read_capped(response, self._cap)
-            finally:
-                await response.aclose()
+            status, response_headers, raw = await self._exchange(
+                method, url, all_headers, content, timeout or self._timeout, self._cap
+            )
         except httpx.TransportError as exc:
-            raise map_transport_error(exc, request) from exc
-        status = response.status_code
+            raise map_transport_error(exc, method, url) from exc
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %s -> %d (%d bytes)", method, path, status, len(raw))
         if status >= 400:
@@ -281,17 +352,17 @@ class HttpCore:
                 body = raw[:300].decode("utf-8", "replace")
             if isinstance(body, str) or body is None:
                 body = {"error": {"message": (body or "").strip() or None}}
-            raise error_from_body(status, body, response.headers)
+            raise error_from_body(status, body, response_headers)
         if 300 <= status < 400:
             raise APIResponseValidationError(
                 "unexpected redirect from the API (not followed)",
                 status_code=status,
-                excerpt=response.headers.get("location", ""),
+                excerpt=response_headers.get("location", ""),
             )
         parsed = decode_json(raw, status)
         envelope = as_object(parsed)
         if envelope is not None and envelope.get("error"):
-            raise error_from_body(status, parsed, response.headers)
+            raise error_from_body(status, parsed, response_headers)
         return parsed
 
     def caller(self, hook: BackoffHook, *, attempts: int | None = None) -> RetryingCall:

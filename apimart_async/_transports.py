@@ -13,8 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import importlib.util
+from typing import TYPE_CHECKING
 
 import httpx
+
+from ._http import Exchange, Exchanger, via_transport
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterable
 
 __all__ = ["AutoTransport", "default_transport"]
 
@@ -35,6 +41,7 @@ class AutoTransport(httpx.AsyncBaseTransport):
         self._limits = limits
         self._prefer_aiohttp = prefer_aiohttp
         self._inner: httpx.AsyncBaseTransport | None = None
+        self._exchange: Exchanger | None = None
 
     @property
     def backend(self) -> str | None:
@@ -62,7 +69,25 @@ class AutoTransport(httpx.AsyncBaseTransport):
         inner = self._inner
         if inner is None:
             inner = self._inner = self._choose()
+            self._exchange = via_transport(inner)
         return await inner.handle_async_request(request)
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        timeout: httpx.Timeout,
+        cap: int,
+    ) -> Exchange:
+        """An API call through the chosen transport's fastest path."""
+        inner = self._inner
+        if inner is None:
+            inner = self._inner = self._choose()
+            self._exchange = via_transport(inner)
+        assert self._exchange is not None
+        return await self._exchange(method, url, headers, content, timeout, cap)
 
     async def aclose(self) -> None:
         """Close the chosen transport, if any was created."""

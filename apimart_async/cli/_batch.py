@@ -39,6 +39,7 @@ import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -60,14 +61,14 @@ from apimart_async.models import parse_request
 from apimart_async.types import CompletedEvent, FailedEvent, SubmittedEvent
 
 from ._jobfile import JobFile, JobLine, read_jobs
-from ._journal import Journal, JournalError, JobRecord
+from ._journal import JobRecord, Journal, JournalError
 from ._progress import BatchProgress, counts_table, problems_table
-from ._setup import UsageError, make_client
+from ._setup import ClientOptions, UsageError, make_client
 from ._signals import exit_status, interruptible
 
 if TYPE_CHECKING:
+    import argparse
     from collections.abc import Iterator
-    from pathlib import Path
 
     from anyio.abc import TaskGroup
 
@@ -75,14 +76,15 @@ if TYPE_CHECKING:
     from apimart_async.models import BaseImageRequest
     from apimart_async.testing import FakeApimart
 
-    from ._setup import ClientOptions, Runtime
+    from ._setup import Runtime
     from ._ui import Ui
 
-__all__ = ["RESULTS_NAME", "BatchResult", "BatchSettings", "run_batch"]
+__all__ = ["RESULTS_NAME", "BatchResult", "BatchSettings", "cmd_batch", "describe", "run_batch"]
 
 RESULTS_NAME = "results.jsonl"
 MAX_NOTES = 20
 MAX_PROBLEM_ROWS = 10
+MAX_ERROR_CHARS = 200
 _FATAL = (AuthenticationError, PermissionDeniedError, InsufficientBalanceError)
 _MEANING = {
     "done": "images in the output folder",
@@ -203,7 +205,7 @@ class _Run:
         self.fatal_code = 1
         self.notes = 0
         self.progress: BatchProgress | None = None
-        self.scope = anyio.CancelScope()
+        self.scope: anyio.CancelScope | None = None
         self.elapsed = 0.0
         self.images = 0
 
@@ -329,7 +331,8 @@ class _Run:
         if self.fatal is None:
             self.fatal = message
             self._note(message)
-            self.scope.cancel()
+            if self.scope is not None:
+                self.scope.cancel()
 
     def _finished(self, job: JobLine, *, ok: bool, images: int = 0, error: str = "") -> None:
         if self.progress is not None:
@@ -356,7 +359,12 @@ class _Run:
         title = self.settings.title or self.settings.jobs_path.name
         async with client:
             with BatchProgress(
-                self.ui, title=title, total=total, done=self.skipped, failed=self.left
+                self.ui,
+                title=title,
+                total=total,
+                done=self.skipped,
+                failed=self.left,
+                limit=self.settings.concurrency + len(self.redownload),
             ) as progress:
                 self.progress = progress
                 stopped = await interruptible(
@@ -376,6 +384,7 @@ class _Run:
         )
 
     async def _work(self, client: AsyncApimart) -> None:
+        self.scope = anyio.CancelScope()
         with self.scope:
             async with anyio.create_task_group() as ticker:
                 ticker.start_soon(self._tick)
@@ -503,7 +512,7 @@ class _Run:
         problems = [r for r in rows if r["status"] != "done"]
         if problems:
             shown = [
-                (int(r["line"]), str(r["id"] or "-"), str(r["status"]), str(r["error"] or ""))
+                (int(r["line"]), str(r["id"] or "-"), str(r["status"]), _short(r["error"]))
                 for r in problems[:MAX_PROBLEM_ROWS]
             ]
             self.ui.show(problems_table(shown, more=len(problems) - len(shown)))
@@ -526,6 +535,11 @@ class _Run:
         return BatchResult(code, records, counts, None, self.elapsed, self.images)
 
 
+def _short(error: object) -> str:
+    text = " ".join(str(error or "").split())
+    return text if len(text) <= MAX_ERROR_CHARS else text[: MAX_ERROR_CHARS - 1] + "…"
+
+
 def _journaled_request(record: JobRecord) -> BaseImageRequest | None:
     """The request exactly as it was last sent (so a resubmit sends the same body)."""
     if record.request_body is None:
@@ -535,3 +549,17 @@ def _journaled_request(record: JobRecord) -> BaseImageRequest | None:
         return parse_request(data, allow_unknown=True)
     except (ValueError, InvalidRequestError):
         return None
+
+
+def cmd_batch(args: argparse.Namespace, runtime: Runtime, ui: Ui) -> int:
+    """``apimart batch JOBS.jsonl --out DIR``; see the module docstring."""
+    settings = BatchSettings(
+        jobs_path=Path(args.jobs),
+        out=Path(args.out),
+        concurrency=args.concurrency,
+        strict=args.strict,
+        resubmit_uncertain=args.resubmit_uncertain,
+        allow_unknown=args.allow_unknown_models,
+    )
+    options = ClientOptions.from_args(args)
+    return run_batch(settings, options, runtime, ui, backend=args.backend).exit_code

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from apimart_async import InvalidRequestError
+from apimart_async import InvalidRequestError, UnknownModelError
 from apimart_async.models import parse_request
 
 if TYPE_CHECKING:
@@ -108,6 +108,14 @@ def read_jobs(path: Path, *, allow_unknown: bool = False) -> JobFile:
         job_id = item.explicit_id or _derived_id(item.fingerprint, seen, explicit)
         try:
             request = parse_request(item.data, allow_unknown=allow_unknown)
+        except UnknownModelError as exc:
+            known = str(exc).split("; known models", 1)[0]
+            message = (
+                f"model: {known}; see `apimart models`, or pass --allow-unknown-models to "
+                "send it without local validation"
+            )
+            result.errors.append(LineError(item.line, job_id, message))
+            continue
         except InvalidRequestError as exc:
             result.errors.append(LineError(item.line, job_id, str(exc)))
             continue
@@ -155,19 +163,20 @@ def _parse_line(
         resolved: list[object] = []
         for i, entry in enumerate(entries):
             path = local_image(entry, base) if isinstance(entry, str) else None
-            if path is not None:
-                if not path.exists():
-                    where = "" if Path(entry).is_absolute() else f" (looked for {path})"
-                    return LineError(
-                        number, job_id, f"image_urls[{i}]: image path {entry!r} not found{where}"
-                    )
-                if not path.is_file():
-                    return LineError(
-                        number, job_id, f"image_urls[{i}]: image path {entry!r} is not a file"
-                    )
-                resolved.append(path)
-            else:
+            if path is None:
                 resolved.append(entry)
+                continue
+            shown = str(entry)
+            if not path.exists():
+                where = "" if Path(shown).is_absolute() else f" (looked for {path})"
+                return LineError(
+                    number, job_id, f"image_urls[{i}]: image path {shown!r} not found{where}"
+                )
+            if not path.is_file():
+                return LineError(
+                    number, job_id, f"image_urls[{i}]: image path {shown!r} is not a file"
+                )
+            resolved.append(path)
         data["image_urls"] = resolved
     return _Parsed(number, data, fingerprint, job_id)
 

@@ -40,10 +40,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "JOURNAL_NAME",
+    "JobRecord",
     "Journal",
     "JournalBusyError",
     "JournalError",
-    "JobRecord",
     "State",
     "new_key",
     "read_meta",

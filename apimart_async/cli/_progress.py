@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
     from rich.status import Status
     from rich.table import Table
+    from typing_extensions import Self
 
     from ._ui import Ui
 
@@ -36,8 +37,18 @@ def _clock(seconds: float) -> str:
 class BatchProgress:
     """Counters of one batch run and their display; use as a context manager."""
 
-    def __init__(self, ui: Ui, *, title: str, total: int, done: int = 0, failed: int = 0) -> None:
+    def __init__(
+        self,
+        ui: Ui,
+        *,
+        title: str,
+        total: int,
+        done: int = 0,
+        failed: int = 0,
+        limit: int | None = None,
+    ) -> None:
         self.ui = ui
+        self._limit = limit
         self.title = title
         self.total = total
         self.done = done
@@ -70,6 +81,11 @@ class BatchProgress:
         self._refresh()
 
     @property
+    def running(self) -> int:
+        """Jobs in flight, at most *limit* (the pipeline reads one job ahead)."""
+        return self.in_flight if self._limit is None else min(self.in_flight, self._limit)
+
+    @property
     def elapsed(self) -> float:
         """Seconds since the run started."""
         return time.monotonic() - self._started
@@ -92,13 +108,13 @@ class BatchProgress:
         """The plain status line."""
         return (
             f"[{_clock(self.elapsed)}] {self.done + self.failed}/{self.total}: "
-            f"{self.done} done, {self.failed} failed, {self.in_flight} in flight, "
+            f"{self.done} done, {self.failed} failed, {self.running} in flight, "
             f"{self.rate:.1f} images/s, ETA {self._eta()}"
         )
 
     # -- display --------------------------------------------------------------------
 
-    def __enter__(self) -> BatchProgress:
+    def __enter__(self) -> Self:
         if self.ui.mode == "bar":
             from rich.progress import (
                 BarColumn,
@@ -126,8 +142,9 @@ class BatchProgress:
                 refresh_per_second=8,
             )
             self._task = self._progress.add_task(
-                self.title, total=self.total, completed=self.done + self.failed, **self._fields()
+                self.title, total=self.total, completed=self.done + self.failed
             )
+            self._refresh()
             self._progress.start()
         return self
 
@@ -144,12 +161,12 @@ class BatchProgress:
             self._print()
 
     def note(self, text: str) -> None:
-        """A line of text above the bar (or among the plain lines)."""
+        """A line of text above the bar (or among the plain lines; also when ``off``)."""
         if self._progress is not None:
             from rich.text import Text
 
             self._progress.console.print(Text(text))
-        elif self.ui.mode != "off":
+        else:
             self.ui.info(text)
 
     def tick(self) -> None:
@@ -166,18 +183,15 @@ class BatchProgress:
         self._printed_at = time.monotonic()
         self.ui.info(self._printed)
 
-    def _fields(self) -> dict[str, object]:
-        return {
-            "done": self.done,
-            "failed": self.failed,
-            "in_flight": self.in_flight,
-            "rate": f"{self.rate:.1f}",
-        }
-
     def _refresh(self) -> None:
         if self._progress is not None and self._task is not None:
             self._progress.update(
-                self._task, completed=self.done + self.failed, **self._fields()
+                self._task,
+                completed=self.done + self.failed,
+                done=self.done,
+                failed=self.failed,
+                in_flight=self.running,
+                rate=f"{self.rate:.1f}",
             )
 
 
@@ -190,7 +204,7 @@ class StatusLine:
         self._status: Status | None = None
         self._printed_at = 0.0
 
-    def __enter__(self) -> StatusLine:
+    def __enter__(self) -> Self:
         if self.ui.mode == "bar":
             self._status = self.ui.err.status(self._text)
             self._status.start()
@@ -210,9 +224,7 @@ class StatusLine:
         self._text = text
         if self._status is not None:
             self._status.update(text)
-        elif self.ui.mode == "plain" and (
-            important or time.monotonic() - self._printed_at >= 1.0
-        ):
+        elif self.ui.mode == "plain" and (important or time.monotonic() - self._printed_at >= 1.0):
             self._print(text)
 
     def _print(self, text: str) -> None:

@@ -46,6 +46,8 @@ async def interruptible(
 ) -> int | None:
     """Run *body*; return the signal that stopped it, or None if it ran to its end.
 
+    An exception from *body* is re-raised as itself (never inside an ExceptionGroup).
+
     *on_stop(signum)* is called on the first signal (say what is happening), then the
     body is cancelled; *on_abort(signum)* on the second, right before ``os._exit``.
     """
@@ -66,10 +68,16 @@ async def interruptible(
                         on_abort(int(signum))
                     os._exit(exit_status(int(signum)))
 
+    error: Exception | None = None
     async with anyio.create_task_group() as tg:
         if _can_watch():
             await tg.start(watch)
         with work:
-            await body()
+            try:
+                await body()
+            except Exception as exc:  # noqa: BLE001 - re-raised plainly below
+                error = exc
         tg.cancel_scope.cancel()
+    if error is not None:
+        raise error
     return stopped

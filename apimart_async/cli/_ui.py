@@ -73,6 +73,7 @@ class Ui:
 
     def info(self, text: str) -> None:
         """A message for the person at the terminal (stderr)."""
+        self.stdout.flush()  # keep the order of the two streams on a shared terminal
         self.stderr.write(text + "\n")
         self.stderr.flush()
 
