@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import enum
 import json
+import random
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal, cast
 from urllib.parse import quote
@@ -200,6 +201,7 @@ class AsyncApimart:
         self._poll_limiter = anyio.CapacityLimiter(self._limits.polls_in_flight)
         self._poll_budget = RateLimiter(self._limits.poll_rate, self._limits.poll_burst)
         self._upload_cache = UploadCache(_config.UPLOAD_REUSE_MARGIN)
+        self._random = random.Random()
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -430,7 +432,7 @@ class AsyncApimart:
         last: Task | None = task if isinstance(task, Task) else None
         now = anyio.current_time()
         started = now if _started is None else _started
-        schedule = PollSchedule(self._poll, started)
+        schedule = PollSchedule(self._poll, started, self._random)
         delay = schedule.first_delay(last.estimated_time if last else None) if fresh else 0.0
         with anyio.move_on_after(limit) as scope:
             while True:

@@ -47,8 +47,10 @@ import anyio
 from apimart_async import (
     ApimartError,
     AuthenticationError,
+    BadRequestError,
     InsufficientBalanceError,
     InvalidRequestError,
+    NotFoundError,
     PermissionDeniedError,
     ResultExpiredError,
     SubmissionUncertainError,
@@ -86,6 +88,9 @@ MAX_NOTES = 20
 MAX_PROBLEM_ROWS = 10
 MAX_ERROR_CHARS = 200
 _FATAL = (AuthenticationError, PermissionDeniedError, InsufficientBalanceError)
+# Errors after which a recorded task will never complete: it ended, or the service does
+# not know its id (a task query answers 400 for an unknown id).
+_TASK_GONE = (TaskFailedError, TaskCancelledError, BadRequestError, NotFoundError)
 _MEANING = {
     "done": "images in the output folder",
     "failed": "rerun to retry (with a new idempotency key)",
@@ -216,11 +221,12 @@ class _Run:
         self.journal = journal
         out = self.settings.out
         resumed = retried = resubmitted = new = 0
+        unknown = [job for job in jobfile.jobs if journal.get(job.id) is None]
+        journal.add([(job.id, job.line, job.fingerprint) for job in unknown])
+        fresh = {job.id for job in unknown}
         for job in jobfile.jobs:
-            record = journal.get(job.id)
-            if record is None:
-                record = journal.add(job.id, line=job.line, fingerprint=job.fingerprint)
-            else:
+            record = journal[job.id]
+            if job.id not in fresh:
                 record = self._check_changed(journal, record, job)
             item: BaseImageRequest = job.request
             resume: str | None = None
@@ -314,9 +320,7 @@ class _Run:
         if isinstance(error, SubmissionUncertainError):
             body = json.dumps(error.request, separators=(",", ":"), ensure_ascii=False)
             self.journal.uncertain(job.id, text, body)
-        elif record.task_id is not None and not isinstance(
-            error, TaskFailedError | TaskCancelledError
-        ):
+        elif record.task_id is not None and not isinstance(error, _TASK_GONE):
             # The task exists and may still complete (a timeout, an outage): keep it
             # "submitted" so the next run waits for it instead of paying again.
             self.journal.note_error(job.id, text)

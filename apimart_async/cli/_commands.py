@@ -154,12 +154,15 @@ async def _generate(
     client: AsyncApimart, request: BaseImageRequest, out: Path, ui: Ui, runtime: Runtime
 ) -> int:
     saved: list[Path] = []
+    submitted: list[str] = []
     async with client:
 
         async def body() -> None:
             with StatusLine(ui, f"{request.model}: starting") as status:
 
                 def on_event(event: Event) -> None:
+                    if isinstance(event, SubmittedEvent):
+                        submitted.append(event.task_id)
                     shown = event_text(event)
                     if shown is not None:
                         status.update(shown[0], important=shown[1])
@@ -172,6 +175,11 @@ async def _generate(
         code = await _guarded(body, ui)
     for path in saved:
         ui.result(str(path))
+    if code >= 128 and submitted and not saved:
+        ui.info(
+            f"task {submitted[0]} may still complete: "
+            f"apimart task {submitted[0]} --wait --download {out}"
+        )
     return code
 
 

@@ -255,25 +255,30 @@ class Journal:
 
     # -- writing (each call is one committed transaction) ---------------------------
 
-    def add(self, job_id: str, *, line: int, fingerprint: str) -> JobRecord:
-        """Record a new job as ``pending`` with a fresh idempotency key."""
-        record = JobRecord(
-            id=job_id,
-            line=line,
-            fingerprint=fingerprint,
-            idempotency_key=new_key(),
-            state="pending",
-            updated_at=_now(),
-        )
+    def add(self, jobs: Sequence[tuple[str, int, str]]) -> None:
+        """Record new jobs ``(id, line, fingerprint)`` as ``pending``, each with a fresh
+        idempotency key, in one transaction."""
+        now = _now()
+        records = [
+            JobRecord(
+                id=job_id,
+                line=line,
+                fingerprint=fingerprint,
+                idempotency_key=new_key(),
+                state="pending",
+                updated_at=now,
+            )
+            for job_id, line, fingerprint in jobs
+        ]
         placeholders = ", ".join("?" * (len(_COLUMNS) + 1))
         with self._db:
-            self._db.execute(
+            self._db.executemany(
                 f"INSERT INTO jobs (id, {', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                (job_id, *record._row()),
+                [(r.id, *r._row()) for r in records],
             )
-            self._log(record, "new")
-        self._jobs[job_id] = record
-        return record
+            for record in records:
+                self._log(record, "new")
+        self._jobs.update((r.id, r) for r in records)
 
     def seen(self, job_id: str, *, line: int, fingerprint: str) -> JobRecord:
         """Note the job's current line and request fingerprint (no state change)."""
