@@ -17,7 +17,6 @@ sleeps outside it, so waiting tasks cost nothing but their sleep.
 
 from __future__ import annotations
 
-import random
 from typing import TYPE_CHECKING
 
 import anyio
@@ -25,6 +24,8 @@ import anyio
 from .types import Task, TaskStatus
 
 if TYPE_CHECKING:
+    import random
+
     from ._config import PollPolicy
 
 __all__ = ["PollSchedule", "RateLimiter"]

@@ -48,8 +48,8 @@ import anyio
 import stamina.instrumentation
 
 from apimart_async import (
-    AsyncApimart,
     ApimartError,
+    AsyncApimart,
     InvalidRequestError,
     Limits,
     PollPolicy,
@@ -73,8 +73,10 @@ __all__ = [
     "MODES",
     "ChaosConfig",
     "ChaosRun",
+    "count_sockets",
     "main",
     "run_chaos",
+    "settle_sockets",
 ]
 
 MODEL = "gemini-3.1-flash-image-preview"
@@ -282,7 +284,9 @@ def tiny_png(index: int) -> bytes:
     """A valid 4x4 RGB PNG whose first pixel encodes *index* (distinct content)."""
 
     def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     row = bytes(13)
     raw = b"\x00" + (index & 0xFFFFFF).to_bytes(3, "big") + row[4:] + row * 3
@@ -340,7 +344,7 @@ async def _service(fake: FakeApimart, server: bool) -> AsyncIterator[dict[str, A
         yield {"base_url": base_url}
 
 
-async def _settle_sockets(baseline: int | None, wait: float = 5.0) -> int | None:
+async def settle_sockets(baseline: int | None, wait: float = 5.0) -> int | None:
     """Sockets above *baseline* once the server side has seen our connections close."""
     if baseline is None:
         return None
@@ -386,18 +390,20 @@ async def run_chaos(config: ChaosConfig, mode: str, download_dir: Path) -> Chaos
             retry_uncertain_submits=honour,
             **target,
         )
-        async with client:
-            async with client.generate_many(
+        async with (
+            client,
+            client.generate_many(
                 chaos_requests(config.jobs),
                 concurrency=config.concurrency,
                 timeout=config.timeout,
                 download_to=download_dir,
                 on_event=events.append,
-            ) as stream:
-                async for outcome in stream:
-                    outcomes.append(outcome)
+            ) as stream,
+        ):
+            async for outcome in stream:
+                outcomes.append(outcome)
         wall = time.perf_counter() - started
-        open_sockets = await _settle_sockets(sockets_before) if config.server else None
+        open_sockets = await settle_sockets(sockets_before) if config.server else None
     leaked = len(_task_ids() - before)
     errors = Counter(type(o.error).__name__ for o in outcomes if o.error is not None)
     return ChaosRun(
@@ -445,9 +451,7 @@ def format_table(reports: Sequence[dict[str, Any]]) -> str:
     headers = [r["mode"] for r in reports]
     width = max(len(name) for name, _ in rows)
     cols = [max(len(h), *(len(v[i]) for _, v in rows)) for i, h in enumerate(headers)]
-    lines = [
-        " " * width + "  " + "  ".join(h.rjust(c) for h, c in zip(headers, cols, strict=True))
-    ]
+    lines = [" " * width + "  " + "  ".join(h.rjust(c) for h, c in zip(headers, cols, strict=True))]
     lines.append("-" * len(lines[0]))
     for name, values in rows:
         cells = "  ".join(v.rjust(c) for v, c in zip(values, cols, strict=True))

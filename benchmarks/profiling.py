@@ -35,7 +35,7 @@ LAYERS: dict[str, str] = {
     "    read_capped (httpx aiter_bytes)": r"read_capped ",
     "  stamina/tenacity retry wrapper (incl. the attempt)": r"stamina/",
     "  anyio cancel scopes (move_on_after, fail_after, shield)": r"CancelScope",
-    "  anyio task group per upload (_upload_local)": r"_upload_local",
+    "  _upload_local (its task group, incl. the upload)": r"_upload_local",
     "  anyio CapacityLimiter": r"CapacityLimiter",
     "  models.parse_request / with_image_urls": r"apimart_async/models",
     "  parse_task / parse_submit / parse_upload": r"parse_task |parse_submit |parse_upload ",
@@ -95,7 +95,8 @@ def summarize_pyspy(raw: Path) -> None:
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
         frames = stack.split(";")
-        if not any("_run_once" in f for f in frames) or any(_SETUP.search(f) for f in frames):
+        loop = next((i for i, f in enumerate(frames) if "_run_once" in f), None)
+        if loop is None or any(_SETUP.search(f) for f in frames[loop:]):
             continue
         n = int(count)
         total += n
@@ -122,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("-n", "--pipelines", type=int, default=4000)
     p.add_argument("--cprofile", action="store_true", help="use cProfile even if py-spy exists")
     args = p.parse_args(argv)
-    pyspy = None if args.cprofile else shutil.which("py-spy")
+    beside = Path(sys.executable).parent / "py-spy"  # installed into this venv
+    pyspy = None if args.cprofile else (str(beside) if beside.exists() else shutil.which("py-spy"))
     with FakeServer(latency="zero") as fake, tempfile.TemporaryDirectory() as tmp:
         worker = [sys.executable, "-m", "benchmarks.worker", "--impl", args.impl]
         worker += ["--base-url", fake.url, "--pipelines", str(args.pipelines)]

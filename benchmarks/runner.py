@@ -10,6 +10,7 @@ matters the median of the repetitions is reported, with the spread.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib.util
 import json
 import os
@@ -285,8 +286,19 @@ def overhead(sizes: Sizes, verbose: bool) -> Scenario:
         "(dedup in effect): not like-for-like, shown for what dedup saves"
     )
     sc.notes.append(
-        "sockets = peak open sockets sampled every 0.25 s (short runs may miss the peak)"
+        "sockets = peak open sockets sampled every 0.25 s (short runs may miss the peak); "
+        "an aiohttp pool opens a connection only when none is idle, so it tracks requests "
+        "in flight"
     )
+    for (impl, conc), runs in results.items():
+        run = median_run(runs, "cpu_s")
+        want = min(conc, n)
+        if impl in ("apimart", "apimart-shared") and run.get("sockets_peak", want) < want / 2:
+            sc.notes.append(
+                f"{LABELS[impl]} @ {conc}: at most {run['sockets_peak']} sockets open, so "
+                f"far fewer than {want} pipelines were ever in flight (generate_many did not "
+                "reach the requested concurrency)"
+            )
     concs = sizes.overhead_concurrency
     for conc in concs:
         ours, base = cost[("apimart", conc)], cost[("aiohttp", conc)]
@@ -626,6 +638,17 @@ RUNNERS: dict[str, Callable[[Sizes, bool], Scenario]] = {
 }
 
 
+def client_fingerprint() -> str:
+    """A short hash of apimart_async's sources, so a result names the code it measured
+    (teammates may be editing the client while a long run is going)."""
+    root = Path(__file__).resolve().parent.parent / "apimart_async"
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m benchmarks",
@@ -660,7 +683,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"$ {command}")
     print(
         f"python {platform.python_version()} on {platform.machine()}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.2f}; sizes: {'quick' if args.quick else 'full'}"
+        f"load average {os.getloadavg()[0]:.2f}; sizes: {'quick' if args.quick else 'full'}; "
+        f"apimart_async sources {client_fingerprint()}"
     )
     payload: dict[str, Any] = {
         "command": command,
@@ -676,8 +700,16 @@ def main(argv: list[str] | None = None) -> int:
         if name not in args.only:
             continue
         t0 = time.monotonic()
+        before = client_fingerprint()
         scenario = RUNNERS[name](sizes, args.verbose)
         scenario.elapsed_s = time.monotonic() - t0
+        after = client_fingerprint()
+        scenario.settings["client_sources"] = before
+        if after != before:
+            scenario.notes.append(
+                f"apimart_async's sources CHANGED during this scenario ({before} -> {after}): "
+                "its rows may mix two versions of the client; run it again"
+            )
         print_scenario(scenario)
         failed += sum(not t.passed for t in scenario.targets)
         payload["scenarios"][name] = scenario.as_dict()
