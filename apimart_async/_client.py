@@ -195,10 +195,13 @@ class AsyncApimart:
         self._submit_call = self._http.caller(
             submit_hook(self._retry.retry_after_max, retry_ambiguous=retry_uncertain_submits)
         )
-        self._upload_limiter = anyio.CapacityLimiter(self._limits.uploads)
-        self._submit_limiter = anyio.CapacityLimiter(self._limits.submits)
-        self._download_limiter = anyio.CapacityLimiter(self._limits.downloads)
-        self._poll_limiter = anyio.CapacityLimiter(self._limits.polls_in_flight)
+        # Semaphores with fast_acquire rather than CapacityLimiters: a free slot is taken
+        # without a trip through the event loop, which a limiter makes on every acquire
+        # (three per pipeline). Every holder awaits I/O, so nothing can starve the loop.
+        self._upload_limiter = anyio.Semaphore(self._limits.uploads, fast_acquire=True)
+        self._submit_limiter = anyio.Semaphore(self._limits.submits, fast_acquire=True)
+        self._download_limiter = anyio.Semaphore(self._limits.downloads, fast_acquire=True)
+        self._poll_limiter = anyio.Semaphore(self._limits.polls_in_flight, fast_acquire=True)
         self._poll_budget = RateLimiter(self._limits.poll_rate, self._limits.poll_burst)
         self._upload_cache = UploadCache(_config.UPLOAD_REUSE_MARGIN)
         self._random = random.Random()
@@ -451,11 +454,12 @@ class AsyncApimart:
                     )
                     continue
                 last = current
-                elapsed = anyio.current_time() - started
-                await emit(
-                    on_event,
-                    ProgressEvent(task_id, current.status, current.progress, elapsed, _job),
-                )
+                if on_event is not None:
+                    elapsed = anyio.current_time() - started
+                    await emit(
+                        on_event,
+                        ProgressEvent(task_id, current.status, current.progress, elapsed, _job),
+                    )
                 if current.status.is_terminal:
                     break
                 delay = schedule.next_delay(current, anyio.current_time())
@@ -535,15 +539,20 @@ class AsyncApimart:
         timings = {} if timings is None else timings
         task = known_task
         if task is None:
-            with anyio.fail_after(max(deadline - anyio.current_time(), 0)):
-                req = await self._upload_local(req, on_event, started, job, timings)
+            if req.local_images():
+                with anyio.fail_after(max(deadline - anyio.current_time(), 0)):
+                    req = await self._upload_local(req, on_event, started, job, timings)
             t0 = anyio.current_time()
             task = await self._submit(req.to_body(), key)
             timings["submit"] = anyio.current_time() - t0
             if state is not None:
                 state.task = task
-            with anyio.CancelScope(shield=True):
-                await emit(on_event, SubmittedEvent(task.id, anyio.current_time() - started, job))
+            if on_event is not None:
+                with anyio.CancelScope(shield=True):
+                    event = SubmittedEvent(task.id, anyio.current_time() - started, job)
+                    await emit(on_event, event)
+        # Thousands of jobs may wait at once: hold nothing the wait does not need.
+        del req
         t0 = anyio.current_time()
         try:
             return await self.wait(
@@ -575,9 +584,12 @@ class AsyncApimart:
             entries[position] = image.url
             await emit(on_event, UploadedEvent(image, anyio.current_time() - started, job, cached))
 
-        async with anyio.create_task_group() as tg:
-            for position, source in local:
-                tg.start_soon(one, position, source)
+        if len(local) == 1:
+            await one(*local[0])  # the common case needs no task group
+        else:
+            async with anyio.create_task_group() as tg:
+                for position, source in local:
+                    tg.start_soon(one, position, source)
         timings["upload"] = anyio.current_time() - t0
         return req.with_image_urls(entries)
 

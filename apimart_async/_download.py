@@ -85,7 +85,7 @@ async def download_images(
     *,
     names: Sequence[str] | None,
     overwrite: bool,
-    limiter: anyio.CapacityLimiter,
+    limiter: anyio.Semaphore,
     caller: RetryingCall,
     timeout: httpx.Timeout,
     max_bytes: int,

@@ -118,7 +118,9 @@ class Pipeline:
         requests: Iterable[Any] | AsyncIterable[Any],
         send: MemoryObjectSendStream[Outcome],
     ) -> None:
-        slots = anyio.Semaphore(self._concurrency)
+        # fast_acquire: a free slot starts the next job at once; without it every
+        # acquire yields first and short jobs never pile up to *concurrency*.
+        slots = anyio.Semaphore(self._concurrency, fast_acquire=True)
         async with send, anyio.create_task_group() as jobs:
             index = 0
             items = _each(requests)
@@ -159,16 +161,14 @@ class Pipeline:
         started = anyio.current_time()
         try:
             key = (self._keys(index, item) if self._keys else None) or new_idempotency_key()
-            req = (
-                item
-                if isinstance(item, BaseImageRequest)
-                else parse_request(item, allow_unknown=self._allow_unknown)
-            )
             known = self._known(index, item) if self._known else None
             if known:
                 state.task = Task(id=known, status=TaskStatus.SUBMITTED)
             task = await client._run_pipeline(
-                req,
+                # Not bound to a local here: the pipeline drops it once submitted.
+                item
+                if isinstance(item, BaseImageRequest)
+                else parse_request(item, allow_unknown=self._allow_unknown),
                 key=key,
                 timeout=self._timeout,
                 on_event=self._on_event,
