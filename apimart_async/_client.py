@@ -167,7 +167,12 @@ class AsyncApimart:
                 max_connections=self._limits.connections,
                 max_keepalive_connections=self._limits.connections,
             )
-            own_transport = transport or default_transport(pool)
+            if transport is not None:
+                own_transport = transport
+            elif not _proxy_from_env():
+                own_transport = default_transport(pool)
+            # With a proxy configured in the environment, httpx builds its own
+            # proxy-aware transports (it ignores the environment once given one).
             http_client = httpx.AsyncClient(
                 transport=own_transport,
                 limits=pool,
@@ -686,6 +691,11 @@ def _downloaded(task: Task, paths: list[Path]) -> Event:
 
 def _limits_kwargs(limits: Limits) -> dict[str, Any]:
     return {f: getattr(limits, f) for f in Limits.__dataclass_fields__}
+
+
+def _proxy_from_env() -> bool:
+    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    return any(_config.env(n) or _config.env(n.lower()) for n in names)
 
 
 def _raw_dict(data: object) -> dict[str, Any]:

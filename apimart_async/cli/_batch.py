@@ -70,7 +70,7 @@ from ._signals import exit_status, interruptible
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     from anyio.abc import TaskGroup
 
@@ -435,12 +435,8 @@ class _Run:
         record = self.journal[job.id]
         if self.progress is not None:
             self.progress.started()
-        if record.task_id is None or not record.image_urls:
-            self.journal.note_error(job.id, "no result URLs were recorded")
-            self._finished(job, ok=False, error="no result URLs were recorded")
-            return
         task = Task(
-            id=record.task_id,
+            id=record.task_id or "",
             status=TaskStatus.COMPLETED,
             image_urls=record.image_urls,
             expires_at=record.expires_at,
@@ -448,19 +444,29 @@ class _Run:
         await self._download(client, job, task)
 
     async def _download(self, client: AsyncApimart, job: JobLine, task: Task) -> None:
-        assert self.journal is not None
+        journal = self.journal
+        assert journal is not None
         names = [f"{job.id}_{i}" for i in range(len(task.image_urls))]
         try:
             paths = await client.download(task, self.settings.out, names=names)
         except ResultExpiredError as exc:
-            self.journal.expired(job.id, describe(exc))
-            self._finished(job, ok=False, error=describe(exc))
+            text = describe(exc)
+            self._write(partial(journal.expired, job.id, text))
+            self._finished(job, ok=False, error=text)
         except (ApimartError, OSError, ValueError) as exc:
-            self.journal.note_error(job.id, describe(exc))  # stays "completed"
-            self._finished(job, ok=False, error=describe(exc))
+            text = describe(exc)
+            self._write(partial(journal.note_error, job.id, text))  # stays "completed"
+            self._finished(job, ok=False, error=text)
         else:
-            self.journal.done(job.id, [p.name for p in paths])
+            self._write(partial(journal.done, job.id, [p.name for p in paths]))
             self._finished(job, ok=True, images=len(paths))
+
+    def _write(self, write: Callable[[], object]) -> None:
+        """A journal write; if the journal cannot be written, stop the run."""
+        try:
+            write()
+        except sqlite3.Error as exc:
+            self._abort(f"cannot write the journal: {exc}")
 
     # -- reporting ------------------------------------------------------------------
 
@@ -508,8 +514,11 @@ class _Run:
         counts = Counter(str(r["status"]) for r in rows)
         out = self.settings.out
         order = list(_MEANING)
+        meaning = dict(_MEANING, done=f"images in {out}")
+        if self.settings.kind == "demo":
+            meaning["failed"] = "failed on purpose (injected task failures)"
         table_rows = [
-            (status, str(counts[status]), _MEANING[status].replace("the output folder", str(out)))
+            (status, str(counts[status]), meaning.get(status, ""))
             for status in sorted(counts, key=lambda s: order.index(s) if s in order else 99)
         ]
         self.ui.show(counts_table(f"{jobfile.path.name} -> {out}", table_rows))

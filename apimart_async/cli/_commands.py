@@ -137,6 +137,9 @@ async def _guarded(body: Callable[[], Awaitable[None]], ui: Ui) -> int:
         return 2
     except ApimartError as exc:
         return _failure(exc, ui)
+    except OSError as exc:  # the output folder cannot be written, say
+        ui.error(str(exc))
+        return 1
     return 0 if stopped is None else exit_status(stopped)
 
 

@@ -200,6 +200,7 @@ class Journal:
                 db.row_factory = sqlite3.Row
                 db.execute("PRAGMA journal_mode=WAL")
                 db.execute("PRAGMA synchronous=NORMAL")
+                db.execute("PRAGMA wal_autocheckpoint=10000")
                 db.execute("PRAGMA busy_timeout=5000")
                 with db:
                     db.executescript(_SCHEMA)
@@ -407,7 +408,7 @@ def read_meta(directory: Path, key: str) -> str | None:
     if not path.exists():
         return None
     try:
-        db = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+        db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
     except sqlite3.DatabaseError:
         return None
     try:

@@ -46,6 +46,7 @@ SUBMIT_PATH = "/v1/images/generations"
 # The real client's default deadline and the fake's request latency, in service seconds.
 _DEFAULT_WAIT = 900.0
 _FAKE_REQUEST_LATENCY = (0.2, 1.0)
+_MIN_FAKE_WAIT = 60.0
 _MISSING_KEY = (
     "no API key. Set it with `export APIMART_API_KEY=sk-...` (or pass --api-key KEY); "
     "to try things without one, add --fake or run `apimart demo`"
@@ -118,7 +119,9 @@ def make_fake(options: ClientOptions) -> FakeApimart:
     scale = options.time_scale or DEFAULT_FAKE_SCALE
     try:
         if options.fake_latency:
-            latency = Latency.parse(options.fake_latency, time_scale=scale)
+            # fast and zero mean what they say; other profiles run 1/scale times faster.
+            own = options.fake_latency in ("fast", "zero") and not options.time_scale
+            latency = Latency.parse(options.fake_latency, time_scale=None if own else scale)
         else:
             low, high = _FAKE_REQUEST_LATENCY
             latency = Latency.realistic(
@@ -165,7 +168,9 @@ def make_client(
             poll=PollPolicy().scaled(scale),
             retry=RetryPolicy(wait_initial=0.5 * scale, wait_max=20 * scale, wait_jitter=scale),
             limits=limits or Limits(poll_rate=10_000.0, poll_burst=1_000),
-            wait_timeout=options.timeout or _DEFAULT_WAIT * scale,
+            # Scaled like the fake's clock, but never below a minute of real time: a
+            # loaded machine's overheads do not shrink with the scale.
+            wait_timeout=options.timeout or max(_DEFAULT_WAIT * scale, _MIN_FAKE_WAIT),
         )
     else:
         kwargs.update(api_key=options.api_key, base_url=options.base_url)

@@ -1,0 +1,414 @@
+"""Cancellation at every stage: nothing left running, no partial file, no lost submit.
+
+A ``Tripwire`` transport sits between the client and the fake. It lets the fake act on
+a request first (the upload is stored, the task is created) and then cancels the
+caller while the answer is still "on the wire", which is the moment a careless client
+loses a paid task. Every test then checks the same things: the caller was cancelled,
+no task or request is left running, the download folder holds only whole files, every
+task the fake created is known to the caller (a ``SubmittedEvent``, a returned task) or
+reported as uncertain, and the client still works afterwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import httpx
+import pytest
+
+import apimart_async as am
+from apimart_async import AsyncApimart, Limits
+from apimart_async.testing import FakeApimart, Latency
+from apimart_async.types import FailedEvent, SubmittedEvent
+
+from .conftest import FAST_LIMITS, FAST_POLL
+from .images import png
+
+pytestmark = [
+    pytest.mark.anyio,
+    # Known bug, pinned by test_rejected_bodies_close_their_stream in
+    # test_reliability_hostile.py: a download cancelled mid-stream leaves httpx's
+    # aiter_bytes generator to the garbage collector, which trio reports. Remove this
+    # filter once that test passes.
+    pytest.mark.filterwarnings("ignore:Async generator .* was garbage collected:ResourceWarning"),
+]
+
+KEY = "test-key"
+GEM = "gemini-3.1-flash-image-preview"
+# One request in flight per stage: a slot that a cancellation failed to give back
+# would make the next batch hang (caught by its fail_after).
+ONE_SLOT = Limits(
+    uploads=1, submits=1, downloads=1, polls_in_flight=1, poll_rate=100_000.0, poll_burst=1_000
+)
+
+
+def endpoint_of(url: httpx.URL) -> str:
+    """Which service endpoint a URL is for."""
+    path = url.path
+    if path.startswith("/v1/uploads/"):
+        return "upload"
+    if path == "/v1/images/generations":
+        return "submit"
+    if path.startswith("/v1/tasks/"):
+        return "poll"
+    return "download" if path.startswith("/f/") else "other"
+
+
+class _Trickle(httpx.AsyncByteStream):
+    """A body that arrives in two halves, calling *middle* in between."""
+
+    def __init__(self, body: bytes, middle: Callable[[], None], pause: float) -> None:
+        self._body = body
+        self._middle = middle
+        self._pause = pause
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        half = len(self._body) // 2
+        yield self._body[:half]
+        self._middle()
+        await anyio.sleep(self._pause)
+        yield self._body[half:]
+
+
+class Tripwire(httpx.AsyncBaseTransport):
+    """The fake's transport; cancels the caller once the fake acted on a chosen request.
+
+    When the *nth* request to *endpoint* has been answered by the fake, *scope* is
+    cancelled (or, for native asyncio cancellation, *task*), and the answer is held
+    back for *hold* seconds; a download body is cut in half around the cancel instead.
+    """
+
+    def __init__(self, fake: FakeApimart, endpoint: str | None = None, nth: int = 1) -> None:
+        self.inner = fake.transport()
+        self.endpoint = endpoint
+        self.nth = nth
+        self.hold = 0.02
+        self.seen: Counter[str] = Counter()
+        self.scope: anyio.CancelScope | None = None
+        self.task: asyncio.Task[Any] | None = None
+        self.fired = False
+
+    def fire(self) -> None:
+        """Cancel the caller (once)."""
+        if self.fired:
+            return
+        self.fired = True
+        if self.task is not None:
+            self.task.cancel()
+        elif self.scope is not None:
+            self.scope.cancel()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Forward to the fake; trip on the chosen request."""
+        kind = endpoint_of(request.url)
+        self.seen[kind] += 1
+        number = self.seen[kind]
+        response = await self.inner.handle_async_request(request)
+        if kind != self.endpoint or number != self.nth:
+            return response
+        if kind == "download":
+            body = await response.aread()
+            stream = _Trickle(body, self.fire, self.hold)
+            return httpx.Response(response.status_code, headers=response.headers, stream=stream)
+        self.fire()
+        await anyio.sleep(self.hold)
+        return response
+
+
+def task_ids() -> set[int]:
+    """Ids of every task running in this event loop (asyncio and trio)."""
+    return {t.id for t in anyio.get_running_tasks()}
+
+
+def make(transport: httpx.AsyncBaseTransport, limits: Limits = FAST_LIMITS) -> AsyncApimart:
+    """A client over *transport* with the test timings."""
+    return AsyncApimart(api_key=KEY, transport=transport, poll=FAST_POLL, limits=limits)
+
+
+def unknown_tasks(fake: FakeApimart, events: list[am.Event], outcomes: Any = ()) -> list[str]:
+    """Tasks the fake created that the caller neither learned of nor got reported uncertain."""
+    known = {e.task_id for e in events if isinstance(e, SubmittedEvent)}
+    known |= {o.task.id for o in outcomes if o.task is not None}
+    uncertain = {
+        e.error.idempotency_key
+        for e in events
+        if isinstance(e, FailedEvent) and isinstance(e.error, am.SubmissionUncertainError)
+    }
+    return [
+        t.id
+        for t in fake.tasks.values()
+        if t.id not in known and t.idempotency_key not in uncertain
+    ]
+
+
+def check_folder(folder: Path, n: int) -> None:
+    """Only whole PNGs, in whole sets of *n* per task, and no hidden temporary file."""
+    if not folder.exists():
+        return
+    names = [p.name for p in folder.iterdir()]
+    assert not [name for name in names if name.startswith(".")], names
+    for path in folder.iterdir():
+        data = path.read_bytes()
+        assert data.startswith(b"\x89PNG") and data.endswith(b"IEND\xaeB`\x82"), path
+    per_task = Counter(name.rsplit("_", 1)[0] for name in names)
+    assert all(count == n for count in per_task.values()), per_task
+
+
+@pytest.mark.parametrize("stage", ["upload", "submit", "poll", "poll-sleep"])
+async def test_generate_cancelled_at_each_stage(stage: str) -> None:
+    """generate() cancelled during upload, submit, a poll or a poll sleep: clean, nothing lost."""
+    fake = FakeApimart(api_key=KEY, latency=Latency.fixed(0.05))
+    tripwire = Tripwire(fake, None if stage == "poll-sleep" else stage)
+    events: list[am.Event] = []
+
+    def on_event(event: am.Event) -> None:
+        events.append(event)
+        if stage == "poll-sleep" and event.kind == "progress":
+            tripwire.fire()  # the next checkpoint is the sleep before the next poll
+
+    before = task_ids()
+    async with make(tripwire, limits=ONE_SLOT) as client:
+        with anyio.CancelScope() as scope:
+            tripwire.scope = scope
+            await client.generate(
+                model=GEM, prompt="x", image_urls=[png(seed=1)], on_event=on_event
+            )
+        assert scope.cancelled_caught
+        assert fake.stats.in_flight == 0
+        assert unknown_tasks(fake, events) == []
+        assert fake.stats.tasks_created == (0 if stage == "upload" else 1)
+        # Every slot, the poll budget and the upload single-flight were released.
+        with anyio.fail_after(10):
+            again = await client.generate(model=GEM, prompt="again", image_urls=[png(seed=1)])
+        assert again.status is am.TaskStatus.COMPLETED
+    assert task_ids() <= before
+
+
+@pytest.mark.parametrize("stage", ["upload", "submit", "poll", "download"])
+async def test_generate_many_cancelled_at_each_stage(tmp_path: Path, stage: str) -> None:
+    """A batch cancelled while its 3rd upload/submit/poll/download is in flight: clean."""
+    fake = FakeApimart(api_key=KEY, latency=Latency.fast(request_latency=(0.001, 0.002)))
+    tripwire = Tripwire(fake, stage, nth=3)
+    events: list[am.Event] = []
+    outcomes: list[am.Outcome] = []
+    items = [
+        {"model": GEM, "prompt": f"job {i}", "image_urls": [png(seed=i)], "n": 2} for i in range(8)
+    ]
+    before = task_ids()
+    async with make(tripwire, limits=ONE_SLOT) as client:
+        with anyio.CancelScope() as scope:
+            tripwire.scope = scope
+            async with client.generate_many(
+                items, concurrency=4, download_to=tmp_path, on_event=events.append
+            ) as stream:
+                async for outcome in stream:
+                    outcomes.append(outcome)
+        assert scope.cancelled_caught and len(outcomes) < len(items)
+        assert fake.stats.in_flight == 0
+        assert unknown_tasks(fake, events, outcomes) == []
+        check_folder(tmp_path, n=2)
+        with anyio.fail_after(10):  # every slot came back: the client still works
+            async with client.generate_many(items[:2]) as stream:
+                assert all([o.ok async for o in stream])
+    assert task_ids() <= before
+
+
+async def test_cancelled_submit_still_returns_its_task() -> None:
+    """submit() cancelled while its answer travels back still hands the task to the caller."""
+    fake = FakeApimart(api_key=KEY)
+    tripwire = Tripwire(fake, "submit")
+    got: am.Task | None = None
+    async with make(tripwire) as client:
+        with anyio.CancelScope() as scope:
+            tripwire.scope = scope
+            got = await client.submit(model=GEM, prompt="x")
+            await anyio.sleep(5)  # cancelled here, after the shielded submit returned
+    assert scope.cancelled_caught
+    assert got is not None and list(fake.tasks) == [got.id]
+
+
+async def test_native_asyncio_cancel_of_a_submit_is_not_lost(
+    anyio_backend: str, request: pytest.FixtureRequest
+) -> None:
+    """task.cancel() / wait_for during a submit: the created task is still known or uncertain."""
+    if anyio_backend != "asyncio":
+        pytest.skip("native task cancellation is an asyncio notion")
+    request.applymarker(
+        pytest.mark.xfail(
+            strict=True,
+            reason="BUG: _client._submit relies on anyio's CancelScope(shield=True), which "
+            "does not stop native asyncio cancellation (task.cancel(), asyncio.wait_for): "
+            "the submit is abandoned mid-flight and the created task is lost silently",
+        )
+    )
+    fake = FakeApimart(api_key=KEY)
+    tripwire = Tripwire(fake, "submit")
+    events: list[am.Event] = []
+    async with make(tripwire) as client:
+        job = asyncio.ensure_future(client.generate(model=GEM, prompt="x", on_event=events.append))
+        tripwire.task = job
+        with pytest.raises(asyncio.CancelledError):
+            await job
+    assert fake.stats.tasks_created == 1
+    assert unknown_tasks(fake, events) == []
+
+
+async def test_download_cancelled_mid_file_leaves_nothing(tmp_path: Path) -> None:
+    """A download cancelled halfway through an image leaves no file, hidden or whole."""
+    fake = FakeApimart(api_key=KEY)
+    tripwire = Tripwire(fake, "download", nth=2)
+    before = task_ids()
+    async with make(tripwire, limits=ONE_SLOT) as client:
+        task = await client.generate(model=GEM, prompt="three", n=3)
+        with anyio.CancelScope() as scope:
+            tripwire.scope = scope
+            await client.download(task, tmp_path)
+        assert scope.cancelled_caught
+        assert list(tmp_path.iterdir()) == []
+        with anyio.fail_after(10):  # and it works again: the download slot came back
+            assert len(await client.download(task, tmp_path)) == 3
+    assert fake.stats.in_flight == 0
+    assert task_ids() <= before
+
+
+async def test_wait_cancelled_at_random_points_then_resumed() -> None:
+    """wait() cancelled repeatedly (in polls and sleeps) leaks nothing; a later wait finishes."""
+    fake = FakeApimart(api_key=KEY, latency=Latency.fixed(0.2, request_latency=(0.001, 0.004)))
+    rng = random.Random(1234)
+    before = task_ids()
+    async with make(fake.transport()) as client:
+        task = await client.submit(model=GEM, prompt="slow")
+        for _ in range(10):
+            with anyio.move_on_after(rng.uniform(0.0, 0.02)) as scope:
+                await client.wait(task)
+            assert scope.cancelled_caught
+            assert fake.stats.in_flight == 0
+        done = await client.wait(task.id, timeout=5)
+    assert done.status is am.TaskStatus.COMPLETED
+    assert task_ids() <= before
+
+
+async def test_generate_many_cancelled_at_random_points(tmp_path: Path) -> None:
+    """Batches cancelled at random moments: no leak, only whole files, every task known."""
+    fake = FakeApimart(
+        api_key=KEY,
+        latency=Latency.fast(request_latency=(0.001, 0.004)),
+        honour_idempotency=False,
+    )
+    rng = random.Random(99)
+    before = task_ids()
+    events: list[am.Event] = []
+    outcomes: list[am.Outcome] = []
+    async with make(fake.transport(), limits=ONE_SLOT) as client:
+        for trial in range(8):
+            folder = tmp_path / f"trial{trial}"
+            items = [
+                {
+                    "model": GEM,
+                    "prompt": f"t{trial} j{j}",
+                    "image_urls": [png(width=1 + trial, seed=j)],
+                    "n": 2,
+                }
+                for j in range(24)
+            ]
+            with anyio.move_on_after(rng.uniform(0.005, 0.12)):
+                async with client.generate_many(
+                    items, concurrency=8, download_to=folder, on_event=events.append
+                ) as stream:
+                    async for outcome in stream:
+                        outcomes.append(outcome)
+            assert fake.stats.in_flight == 0
+            assert unknown_tasks(fake, events, outcomes) == []
+            assert all(0 <= e.job < 24 for e in events if isinstance(e, SubmittedEvent))
+            check_folder(folder, n=2)
+            assert task_ids() <= before
+        # One slot per stage: a slot leaked by any cancellation would hang this batch.
+        final = [
+            {"model": GEM, "prompt": f"final {i}", "image_urls": [png(seed=i)]} for i in range(3)
+        ]
+        with anyio.fail_after(10):
+            async with client.generate_many(final, download_to=tmp_path / "final") as stream:
+                assert all([o.ok async for o in stream])
+    assert fake.duplicate_keys() == []
+
+
+@pytest.mark.parametrize("handler_kind", ["sync", "async"])
+async def test_submit_outliving_its_shield_is_reported_uncertain(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, handler_kind: str
+) -> None:
+    """A cancelled generate() whose submit gets no answer within the shield reports uncertainty."""
+    if handler_kind == "async":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="BUG: generate() emits FailedEvent unshielded (_client.generate "
+                "except block), so an async on_event in a cancelled caller is cancelled "
+                "and the SubmissionUncertainError is replaced by Cancelled",
+            )
+        )
+    monkeypatch.setattr("apimart_async._config.SUBMIT_SHIELD", 0.2)
+    fake = FakeApimart(api_key=KEY)
+    fake.script("submit", ["stall"])  # the task is created, the answer never comes
+    seen, handler = _recorder(handler_kind)
+    raised: BaseException | None = None
+    async with make(fake.transport()) as client:
+        with anyio.move_on_after(0.05):
+            try:
+                await client.generate(model=GEM, prompt="x", on_event=handler)
+            except am.SubmissionUncertainError as exc:
+                raised = exc
+    assert fake.stats.tasks_created == 1 and fake.stats.in_flight == 0
+    reported = [e.error for e in seen if isinstance(e, FailedEvent)]
+    assert isinstance(raised, am.SubmissionUncertainError)
+    assert [type(e) for e in reported] == [am.SubmissionUncertainError]
+    assert unknown_tasks(fake, seen) == []
+
+
+@pytest.mark.parametrize("handler_kind", ["sync", "async"])
+async def test_many_submit_outliving_its_shield_is_reported_uncertain(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, handler_kind: str
+) -> None:
+    """Same in generate_many: the job's on_event hears SubmissionUncertainError, with its index."""
+    if handler_kind == "async":
+        request.applymarker(
+            pytest.mark.xfail(
+                strict=True,
+                reason="BUG: _pipeline._run_job emits FailedEvent unshielded, so an async "
+                "on_event in a cancelled batch never hears of an uncertain submit",
+            )
+        )
+    monkeypatch.setattr("apimart_async._config.SUBMIT_SHIELD", 0.2)
+    fake = FakeApimart(api_key=KEY)
+    fake.script("submit", [None, "stall", None])
+    seen, handler = _recorder(handler_kind)
+    async with make(fake.transport()) as client:
+        with anyio.move_on_after(0.05):
+            items = [{"model": GEM, "prompt": f"p{i}"} for i in range(3)]
+            async with client.generate_many(items, concurrency=3, on_event=handler) as stream:
+                async for _ in stream:
+                    await anyio.sleep(10)  # hold the batch open until the cancel
+    assert fake.stats.tasks_created == 3 and fake.stats.in_flight == 0
+    uncertain = [e for e in seen if isinstance(e, FailedEvent)]
+    assert [type(e.error) for e in uncertain] == [am.SubmissionUncertainError]
+    assert uncertain[0].job is not None
+    assert unknown_tasks(fake, seen) == []
+
+
+def _recorder(kind: str) -> tuple[list[am.Event], Callable[[am.Event], Any]]:
+    """An event list and a sync or async handler appending to it."""
+    seen: list[am.Event] = []
+    if kind == "sync":
+        return seen, seen.append
+
+    async def handler(event: am.Event) -> None:
+        await anyio.lowlevel.checkpoint()  # e.g. a journal write
+        seen.append(event)
+
+    return seen, handler
