@@ -24,6 +24,8 @@ from ._download import download_images
 from ._events import EventHandler, checked_key, emit
 from ._exceptions import (
     ApimartError,
+    APIResponseValidationError,
+    APITimeoutError,
     SubmissionUncertainError,
     TaskCancelledError,
     TaskError,
@@ -290,7 +292,11 @@ class AsyncApimart:
         self, source: Any, *, filename: str | None = None, cache: bool = True
     ) -> tuple[UploadedImage, bool]:
         self._check_open()
-        prepared = await prepare_image(source, filename=filename)
+        return await self._upload_prepared(await prepare_image(source, filename=filename), cache)
+
+    async def _upload_prepared(
+        self, prepared: PreparedImage, cache: bool = True
+    ) -> tuple[UploadedImage, bool]:
         if not cache:
             return await self._send_upload(prepared), False
         return await self._upload_cache.get_or_upload(
@@ -391,7 +397,13 @@ class AsyncApimart:
                 request=body,
                 reason=f"no answer within {_config.SUBMIT_SHIELD:g}s",
             )
-        task_id, status = parse_submit(data)
+        try:
+            task_id, status = parse_submit(data)
+        except APIResponseValidationError as exc:
+            # The service answered 2xx: it acted, but we cannot tell on which task.
+            raise SubmissionUncertainError(
+                idempotency_key=key, request=body, reason=str(exc)
+            ) from exc
         return Task(id=task_id, status=status, raw=_raw_dict(data))
 
     async def get_task(self, task_id: str) -> Task:
@@ -520,7 +532,10 @@ class AsyncApimart:
             )
         except Exception as exc:
             task = exc.task if isinstance(exc, TaskError) and exc.task else state.task
-            await emit(on_event, _failed(exc, task, started, None))
+            if on_event is not None:
+                # Shielded: a cancelled caller must still hear of an uncertain submit.
+                with anyio.CancelScope(shield=True):
+                    await emit(on_event, _failed(exc, task, started, None))
             raise
 
     async def _run_pipeline(
@@ -545,8 +560,15 @@ class AsyncApimart:
         task = known_task
         if task is None:
             if req.local_images():
-                with anyio.fail_after(max(deadline - anyio.current_time(), 0)):
+                with anyio.move_on_after(max(deadline - anyio.current_time(), 0)) as scope:
                     req = await self._upload_local(req, on_event, started, job, timings)
+                if scope.cancelled_caught:
+                    raise APITimeoutError(
+                        f"the pipeline deadline ({timeout:g}s) passed while uploading images",
+                        method="POST",
+                        url=self._http.url("/v1/uploads/images"),
+                        sent=True,
+                    )
             t0 = anyio.current_time()
             task = await self._submit(req.to_body(), key)
             timings["submit"] = anyio.current_time() - t0
@@ -582,19 +604,30 @@ class AsyncApimart:
         if not local:
             return req
         t0 = anyio.current_time()
-        entries = [str(u) for u in (req.image_urls or ())]
+        entries = [u if isinstance(u, str) else "" for u in (req.image_urls or ())]
+        # Every image is checked before any is uploaded: one bad file costs no upload.
+        prepared = [(position, await prepare_image(source)) for position, source in local]
+        failures: list[Exception] = []
 
-        async def one(position: int, source: Path | bytes) -> None:
-            image, cached = await self._upload(source)
+        async def one(position: int, image_source: PreparedImage) -> None:
+            try:
+                image, cached = await self._upload_prepared(image_source)
+            except Exception as exc:  # noqa: BLE001 - raised plainly below
+                failures.append(exc)
+                return
             entries[position] = image.url
-            await emit(on_event, UploadedEvent(image, anyio.current_time() - started, job, cached))
+            if on_event is not None:
+                elapsed = anyio.current_time() - started
+                await emit(on_event, UploadedEvent(image, elapsed, job, cached))
 
-        if len(local) == 1:
-            await one(*local[0])  # the common case needs no task group
+        if len(prepared) == 1:
+            await one(*prepared[0])  # the common case needs no task group
         else:
             async with anyio.create_task_group() as tg:
-                for position, source in local:
-                    tg.start_soon(one, position, source)
+                for position, image_source in prepared:
+                    tg.start_soon(one, position, image_source)
+        if failures:
+            raise failures[0]  # the caller sees our error, never an ExceptionGroup
         timings["upload"] = anyio.current_time() - t0
         return req.with_image_urls(entries)
 

@@ -13,21 +13,23 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Sequence
+from contextlib import aclosing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import httpx
 
 from ._exceptions import APIResponseValidationError, ResultExpiredError, status_error_class
-from ._http import map_transport_error
+from ._http import deadline_error, map_request_error, request_deadline
 from ._uploads import sniff_image_type
 from .types import Task, TaskStatus
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import Sequence
+    from collections.abc import AsyncGenerator
 
     from ._http import RetryingCall
 
@@ -60,7 +62,11 @@ def _targets(
     else:
         if isinstance(task, str):
             raise TypeError("pass a Task or a list of URLs, not a single string")
+        if not isinstance(task, Sequence):
+            raise TypeError(f"pass a Task or a list of URL strings, not {type(task).__name__}")
         urls = list(task)
+        if not all(isinstance(u, str) for u in urls):
+            raise TypeError("every URL to download must be a string")
         stems = [f"image_{i}" for i in range(len(urls))]
         owner = None
     if names is not None:
@@ -142,17 +148,19 @@ async def _fetch_one(
     # A borrowed client may carry default credentials; result hosts get none.
     request.headers.pop("Authorization", None)
     tmp = directory / f".{stem}.{uuid.uuid4().hex}.part"
+    limit = request_deadline(timeout)
     try:
-        try:
-            response = await client.send(request, stream=True, auth=None, follow_redirects=True)
-        except httpx.TransportError as exc:
-            raise map_transport_error(exc, request.method, url) from exc
-        try:
-            content_type = await _stream_to(response, tmp, max_bytes, url)
-        except httpx.TransportError as exc:
-            raise map_transport_error(exc, request.method, url) from exc
-        finally:
-            await response.aclose()
+        with anyio.move_on_after(limit) as scope:
+            try:
+                response = await client.send(request, stream=True, auth=None, follow_redirects=True)
+                try:
+                    content_type = await _stream_to(response, tmp, max_bytes, url)
+                finally:
+                    await response.aclose()
+            except httpx.RequestError as exc:
+                raise map_request_error(exc, "GET", url) from exc
+        if scope.cancelled_caught:
+            raise deadline_error("GET", url, limit)
         final = directory / f"{stem}.{_EXT[content_type]}"
         if not overwrite and await final.exists():
             raise FileExistsError(f"{final} exists and overwrite=False")
@@ -182,8 +190,11 @@ async def _stream_to(response: httpx.Response, tmp: anyio.Path, max_bytes: int, 
         )
     content_type: str | None = None
     size = 0
-    async with await anyio.open_file(tmp, "wb") as fh:
-        async for chunk in response.aiter_bytes(CHUNK):
+    async with (
+        await anyio.open_file(tmp, "wb") as fh,
+        aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes(CHUNK))) as chunks,
+    ):
+        async for chunk in chunks:
             if content_type is None:
                 content_type = sniff_image_type(chunk[:16])
                 if content_type is None:

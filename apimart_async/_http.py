@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable
+from contextlib import aclosing
 from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
 
 import anyio
@@ -39,7 +40,7 @@ from ._exceptions import (
 from ._parsing import as_object, decode_json, error_from_body, parse_retry_after
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncIterable, Mapping
+    from collections.abc import AsyncGenerator, AsyncIterable, Mapping
 
     from ._config import RetryPolicy
 
@@ -48,6 +49,7 @@ __all__ = [
     "HttpCore",
     "check_declared_size",
     "idempotent_hook",
+    "map_request_error",
     "map_transport_error",
     "read_capped",
     "submit_hook",
@@ -61,6 +63,34 @@ BackoffHook = Callable[[Exception], "bool | float"]
 
 # Failures where httpx guarantees no byte of the request left this process.
 _NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout, httpx.UnsupportedProtocol)
+
+
+def map_request_error(exc: httpx.RequestError, method: str, url: str) -> ApimartError:
+    """Translate any httpx request failure into our tree (``raise ... from exc``).
+
+    Transport failures keep whether the request was sent; a body httpx could not
+    decode (bad ``Content-Encoding``) or a redirect loop is a response we could not use.
+    """
+    if isinstance(exc, httpx.TransportError):
+        return map_transport_error(exc, method, url)
+    return APIResponseValidationError(
+        f"unusable response ({type(exc).__name__}: {exc})", status_code=0
+    )
+
+
+def request_deadline(timeout: httpx.Timeout) -> float:
+    """A bound on one whole request: per-read timeouts alone let a server trickle forever."""
+    parts = (timeout.connect, timeout.write, timeout.read, timeout.pool)
+    if all(p is None for p in parts):
+        return float("inf")
+    return sum(p or 0.0 for p in parts)
+
+
+def deadline_error(method: str, url: str, seconds: float) -> APITimeoutError:
+    """The error for a request that outlived ``request_deadline``."""
+    return APITimeoutError(
+        f"the request did not finish within {seconds:g}s", method=method, url=url, sent=True
+    )
 
 
 def map_transport_error(exc: httpx.TransportError, method: str, url: str) -> APIConnectionError:
@@ -94,11 +124,12 @@ async def read_capped(response: httpx.Response, cap: int) -> bytes:
     check_declared_size(response.headers, response.status_code, cap)
     chunks: list[bytes] = []
     total = 0
-    async for chunk in response.aiter_bytes():
-        total += len(chunk)
-        if total > cap:
-            raise too_large(response.status_code, cap)
-        chunks.append(chunk)
+    async with aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes())) as stream:
+        async for chunk in stream:
+            total += len(chunk)
+            if total > cap:
+                raise too_large(response.status_code, cap)
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
@@ -205,7 +236,12 @@ def is_transient(exc: Exception) -> bool:
     if isinstance(exc, APIConnectionError | APIResponseValidationError):
         return True
     if isinstance(exc, APIStatusError):
-        return exc.status_code in (408, 429) or exc.status_code >= 500
+        # get_channel_failed ("no upstream channel, try later") also comes as a 400.
+        return (
+            exc.status_code in (408, 429)
+            or exc.status_code >= 500
+            or exc.code == "get_channel_failed"
+        )
     return False
 
 
@@ -219,7 +255,7 @@ def idempotent_hook(retry_after_max: float) -> BackoffHook:
     def hook(exc: Exception) -> bool | float:
         if not is_transient(exc):
             return False
-        if isinstance(exc, APIStatusError) and exc.status_code != 408:
+        if isinstance(exc, APIStatusError) and exc.status_code not in (400, 408):
             return _retry_after(exc, retry_after_max)
         return True
 
@@ -336,12 +372,17 @@ class HttpCore:
         """One attempt: send, read under the cap, raise our error or return parsed JSON."""
         all_headers = {**self._default_headers, **(headers or {}), **self._auth}
         url = self._prefix + path
+        timeout = timeout or self._timeout
+        limit = request_deadline(timeout)
         try:
-            status, response_headers, raw = await self._exchange(
-                method, url, all_headers, content, timeout or self._timeout, self._cap
-            )
-        except httpx.TransportError as exc:
-            raise map_transport_error(exc, method, url) from exc
+            with anyio.move_on_after(limit) as scope:
+                status, response_headers, raw = await self._exchange(
+                    method, url, all_headers, content, timeout, self._cap
+                )
+        except httpx.RequestError as exc:
+            raise map_request_error(exc, method, url) from exc
+        if scope.cancelled_caught:
+            raise deadline_error(method, url, limit)
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %s -> %d (%d bytes)", method, path, status, len(raw))
         if status >= 400:

@@ -101,7 +101,7 @@ def _code(value: object) -> int | str | None:
         value = value.strip()
         if not value:
             return None
-        return int(value) if value.isdigit() else value
+        return int(value) if value.isascii() and value.isdigit() else value
     return None
 
 
@@ -149,20 +149,25 @@ def error_from_body(
     return cls(message, **kw)
 
 
-def _timestamp(value: object) -> datetime | None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-        return None
-    try:
-        return _EPOCH + timedelta(seconds=float(value))
-    except OverflowError:
-        return None
-
-
 def _number(value: object) -> float | None:
+    """A finite number, or None (JSON may carry NaN, or ints too big for a float)."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
-    result = float(value)
+    try:
+        result = float(value)
+    except OverflowError:
+        return None
     return None if math.isnan(result) or math.isinf(result) else result
+
+
+def _timestamp(value: object) -> datetime | None:
+    seconds = _number(value)
+    if seconds is None or seconds <= 0:
+        return None
+    try:
+        return _EPOCH + timedelta(seconds=seconds)
+    except (OverflowError, ValueError):
+        return None
 
 
 def _invalid(what: str, body: object) -> APIResponseValidationError:

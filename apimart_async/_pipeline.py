@@ -190,10 +190,11 @@ class Pipeline:
             return Outcome(index, item, task, None, timings, files, key)
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             task_seen = exc.task if isinstance(exc, TaskError) and exc.task else state.task
-            await emit(
-                self._on_event,
-                FailedEvent(
+            if self._on_event is not None:
+                event = FailedEvent(
                     exc, task_seen.id if task_seen else None, anyio.current_time() - started, index
-                ),
-            )
+                )
+                # Shielded: a cancelled batch must still hear of an uncertain submit.
+                with anyio.CancelScope(shield=True):
+                    await emit(self._on_event, event)
             return Outcome(index, item, task_seen, exc, timings, (), key)
