@@ -62,10 +62,10 @@ def _targets(
     else:
         if isinstance(task, str):
             raise TypeError("pass a Task or a list of URLs, not a single string")
-        if not isinstance(task, Sequence):
+        if not isinstance(task, Sequence):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError(f"pass a Task or a list of URL strings, not {type(task).__name__}")
         urls = list(task)
-        if not all(isinstance(u, str) for u in urls):
+        if not all(isinstance(u, str) for u in urls):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError("every URL to download must be a string")
         stems = [f"image_{i}" for i in range(len(urls))]
         owner = None
@@ -149,8 +149,9 @@ async def _fetch_one(
     request.headers.pop("Authorization", None)
     tmp = directory / f".{stem}.{uuid.uuid4().hex}.part"
     limit = request_deadline(timeout)
+    content_type: str | None = None
     try:
-        with anyio.move_on_after(limit) as scope:
+        with anyio.move_on_after(limit):
             try:
                 response = await client.send(request, stream=True, auth=None, follow_redirects=True)
                 try:
@@ -159,7 +160,7 @@ async def _fetch_one(
                     await response.aclose()
             except httpx.RequestError as exc:
                 raise map_request_error(exc, "GET", url) from exc
-        if scope.cancelled_caught:
+        if content_type is None:
             raise deadline_error("GET", url, limit)
         final = directory / f"{stem}.{_EXT[content_type]}"
         if not overwrite and await final.exists():

@@ -374,15 +374,17 @@ class HttpCore:
         url = self._prefix + path
         timeout = timeout or self._timeout
         limit = request_deadline(timeout)
+        exchange: Exchange | None = None
         try:
-            with anyio.move_on_after(limit) as scope:
-                status, response_headers, raw = await self._exchange(
+            with anyio.move_on_after(limit):
+                exchange = await self._exchange(
                     method, url, all_headers, content, timeout, self._cap
                 )
         except httpx.RequestError as exc:
             raise map_request_error(exc, method, url) from exc
-        if scope.cancelled_caught:
+        if exchange is None:
             raise deadline_error(method, url, limit)
+        status, response_headers, raw = exchange
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %s -> %d (%d bytes)", method, path, status, len(raw))
         if status >= 400:
