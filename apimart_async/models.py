@@ -158,13 +158,22 @@ def _show_typed(value: object) -> str:
 
 
 def _is_http_url(text: str) -> bool:
-    if _BAD_URL_CHARS.search(text):
+    if _BAD_URL_CHARS.search(text) or not _encodable(text):
         return False
     try:
         parts = urlsplit(text)
     except ValueError:  # e.g. an unbalanced IPv6 bracket
         return False
     return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
+
+
+def _encodable(text: str) -> bool:
+    """Whether *text* can go on the wire as UTF-8 (a lone surrogate cannot)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _is_data_uri(text: str) -> bool:

@@ -24,8 +24,12 @@ one outcome per job, only typed errors, no duplicate tasks, no task lost, nothin
 running, no partial file) and prints the figures. The same code is the small-size
 chaos test (``tests/test_reliability_chaos.py``), so the two cannot drift.
 
-``--server`` serves the fake over real HTTP (uvicorn in a thread; needs the ``server``
-extra) instead of the in-process transport, and also checks that no socket stays open.
+The client retries safe calls (and provably unsent submits) up to 10 times with
+millisecond backoffs, as the fake's clock runs 1,000 times fast, so the error counts show
+what the client could not, or must not, retry. ``--server`` serves the fake over real
+HTTP (uvicorn in a thread; needs the ``server`` extra) instead of the in-process
+transport, and also checks that no socket stays open; there every reset happens after
+the response headers (an ASGI app cannot drop a connection earlier).
 """
 
 from __future__ import annotations
@@ -473,7 +477,11 @@ async def _run_all(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, run both modes, print the table; exit 1 on any violation."""
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.chaos", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.chaos",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--jobs", type=int, default=2000, help="pipelines per mode")
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seed", type=int, default=1)

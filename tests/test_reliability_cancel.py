@@ -33,10 +33,10 @@ from .images import png
 
 pytestmark = [
     pytest.mark.anyio,
-    # Known bug, pinned by test_rejected_bodies_close_their_stream in
-    # test_reliability_hostile.py: a download cancelled mid-stream leaves httpx's
-    # aiter_bytes generator to the garbage collector, which trio reports. Remove this
-    # filter once that test passes.
+    # When the client abandons a body mid-stream (over a cap, not an image, cancelled),
+    # httpx's inner generators (Response.aiter_raw, its stream's __aiter__) are left to
+    # the garbage collector, which trio reports. That part is httpx's; the iterator the
+    # client owns is closed (test_rejected_bodies_close_their_stream checks it).
     pytest.mark.filterwarnings("ignore:Async generator .* was garbage collected:ResourceWarning"),
 ]
 
@@ -243,9 +243,9 @@ async def test_native_asyncio_cancel_of_a_submit_is_not_lost(
     request.applymarker(
         pytest.mark.xfail(
             strict=True,
-            reason="BUG: _client._submit relies on anyio's CancelScope(shield=True), which "
-            "does not stop native asyncio cancellation (task.cancel(), asyncio.wait_for): "
-            "the submit is abandoned mid-flight and the created task is lost silently",
+            reason="KNOWN LIMITATION: _client._submit shields with anyio's CancelScope, which "
+            "native asyncio cancellation (task.cancel(), asyncio.wait_for) passes through; "
+            "cancel through anyio scopes/task groups (as the README says) to keep the guarantee",
         )
     )
     fake = FakeApimart(api_key=KEY)
@@ -341,18 +341,9 @@ async def test_generate_many_cancelled_at_random_points(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("handler_kind", ["sync", "async"])
 async def test_submit_outliving_its_shield_is_reported_uncertain(
-    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, handler_kind: str
+    monkeypatch: pytest.MonkeyPatch, handler_kind: str
 ) -> None:
     """A cancelled generate() whose submit gets no answer within the shield reports uncertainty."""
-    if handler_kind == "async":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="BUG: generate() emits FailedEvent unshielded (_client.generate "
-                "except block), so an async on_event in a cancelled caller is cancelled "
-                "and the SubmissionUncertainError is replaced by Cancelled",
-            )
-        )
     monkeypatch.setattr("apimart_async._config.SUBMIT_SHIELD", 0.2)
     fake = FakeApimart(api_key=KEY)
     fake.script("submit", ["stall"])  # the task is created, the answer never comes
@@ -373,17 +364,9 @@ async def test_submit_outliving_its_shield_is_reported_uncertain(
 
 @pytest.mark.parametrize("handler_kind", ["sync", "async"])
 async def test_many_submit_outliving_its_shield_is_reported_uncertain(
-    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest, handler_kind: str
+    monkeypatch: pytest.MonkeyPatch, handler_kind: str
 ) -> None:
     """Same in generate_many: the job's on_event hears SubmissionUncertainError, with its index."""
-    if handler_kind == "async":
-        request.applymarker(
-            pytest.mark.xfail(
-                strict=True,
-                reason="BUG: _pipeline._run_job emits FailedEvent unshielded, so an async "
-                "on_event in a cancelled batch never hears of an uncertain submit",
-            )
-        )
     monkeypatch.setattr("apimart_async._config.SUBMIT_SHIELD", 0.2)
     fake = FakeApimart(api_key=KEY)
     fake.script("submit", [None, "stall", None])

@@ -154,12 +154,6 @@ async def test_none_and_wrong_kinds_where_a_value_is_required(
     assert not Path("unused-folder").exists()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _download._targets calls list(task) on anything not a Task or str, so "
-    "download(None, dest) raises \"'NoneType' object is not iterable\", which does not "
-    "say that a Task or a list of URLs was expected",
-)
 async def test_download_of_none_says_what_was_expected(
     client: AsyncApimart, tmp_path: Path
 ) -> None:
@@ -273,12 +267,6 @@ async def test_bad_local_images_in_generate_many(
     assert fake.stats.requests_total == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: with two or more local images _client._upload_local runs them in an anyio "
-    "task group and does not unwrap its ExceptionGroup, so generate() raises "
-    "ExceptionGroup([InvalidImageError, ...]) and generate_many records it as the outcome",
-)
 async def test_errors_of_several_local_images_are_not_grouped(
     client: AsyncApimart, fake: FakeApimart, tmp_path: Path
 ) -> None:
@@ -292,12 +280,6 @@ async def test_errors_of_several_local_images_are_not_grouped(
     assert fake.stats.requests_total == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: _client._upload_local checks and uploads each local image in its own "
-    "task, so the good images are uploaded before a bad sibling is found; check every "
-    "image (prepare_image) first, then upload",
-)
 async def test_one_bad_image_among_good_ones_sends_nothing(
     client: AsyncApimart, fake: FakeApimart, tmp_path: Path
 ) -> None:
@@ -331,13 +313,6 @@ async def test_bad_local_images_to_upload_image_send_nothing(
 
 # -- lone surrogates ---------------------------------------------------------------------
 
-_SURROGATE_BUG = (
-    "BUG: models._is_http_url accepts URLs containing lone surrogates, so the request "
-    "validates and submit() fails later with UnicodeEncodeError from json.dumps(...)"
-    ".encode() in _client._submit, not InvalidRequestError naming the field"
-)
-
-
 @pytest.mark.parametrize(
     ("params", "field"),
     [
@@ -354,11 +329,9 @@ _SURROGATE_BUG = (
     ids=["prompt", "webhook", "image_url"],
 )
 async def test_lone_surrogates_are_refused_before_any_request(
-    params: dict[str, Any], field: str, request: pytest.FixtureRequest
+    params: dict[str, Any], field: str
 ) -> None:
     """A string that cannot be sent as UTF-8 is an InvalidRequestError naming its field."""
-    if field != "prompt":
-        request.applymarker(pytest.mark.xfail(strict=True, reason=_SURROGATE_BUG))
     script = Script(reply(200, SUBMIT_A))
     async with AsyncApimart(api_key="k" * 20, transport=script.transport(), poll=FAST_POLL) as c:
         with pytest.raises(am.InvalidRequestError) as info:
