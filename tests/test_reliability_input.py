@@ -313,6 +313,7 @@ async def test_bad_local_images_to_upload_image_send_nothing(
 
 # -- lone surrogates ---------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("params", "field"),
     [
