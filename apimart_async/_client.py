@@ -601,8 +601,6 @@ class AsyncApimart:
         timings: dict[str, float],
     ) -> BaseImageRequest:
         local = req.local_images()
-        if not local:
-            return req
         t0 = anyio.current_time()
         entries = [u if isinstance(u, str) else "" for u in (req.image_urls or ())]
         # Every image is checked before any is uploaded: one bad file costs no upload.

@@ -155,6 +155,14 @@ class Exchanger(Protocol):
     ) -> Exchange: ...
 
 
+async def _read_exchange(response: httpx.Response, cap: int) -> Exchange:
+    """Read a streamed response under *cap* into an ``Exchange``, closing it."""
+    try:
+        return Exchange(response.status_code, response.headers, await read_capped(response, cap))
+    finally:
+        await response.aclose()
+
+
 def via_transport(transport: httpx.AsyncBaseTransport) -> Exchanger:
     """Exchanges straight through *transport*, or its own faster path if it has one.
 
@@ -176,13 +184,7 @@ def via_transport(transport: httpx.AsyncBaseTransport) -> Exchanger:
         request = httpx.Request(
             method, url, content=content, headers=headers, extensions={"timeout": timeout.as_dict()}
         )
-        response = await transport.handle_async_request(request)
-        try:
-            return Exchange(
-                response.status_code, response.headers, await read_capped(response, cap)
-            )
-        finally:
-            await response.aclose()
+        return await _read_exchange(await transport.handle_async_request(request), cap)
 
     return exchange
 
@@ -202,12 +204,7 @@ def via_client(client: httpx.AsyncClient) -> Exchanger:
             method, url, content=content, headers=headers, timeout=timeout
         )
         response = await client.send(request, stream=True, follow_redirects=False)
-        try:
-            return Exchange(
-                response.status_code, response.headers, await read_capped(response, cap)
-            )
-        finally:
-            await response.aclose()
+        return await _read_exchange(response, cap)
 
     return exchange
 

@@ -263,7 +263,8 @@ async def multipart_body(
 
 @dataclass
 class _Flight:
-    done: anyio.Event
+    # Created by the first caller that has to wait: most uploads have no follower.
+    done: anyio.Event | None = None
     result: UploadedImage | None = None
     error: BaseException | None = None
 
@@ -309,13 +310,15 @@ class UploadCache:
             flight = self._flights.get(sha256)
             if flight is None:
                 break
+            if flight.done is None:
+                flight.done = anyio.Event()
             await flight.done.wait()
             if flight.result is not None:
                 return flight.result, True
             if isinstance(flight.error, ApimartError):
                 raise flight.error
             # The leader was cancelled or broke for a reason of its own: lead anew.
-        flight = _Flight(anyio.Event())
+        flight = _Flight()
         self._flights[sha256] = flight
         try:
             result = await upload()
@@ -328,4 +331,5 @@ class UploadCache:
             return result, False
         finally:
             del self._flights[sha256]
-            flight.done.set()
+            if flight.done is not None:
+                flight.done.set()
