@@ -12,7 +12,7 @@ import enum
 import json
 import random
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import quote
 
 import anyio
@@ -398,13 +398,13 @@ class AsyncApimart:
                 reason=f"no answer within {_config.SUBMIT_SHIELD:g}s",
             )
         try:
-            task_id, status = parse_submit(data)
+            task_id, status, raw = parse_submit(data)
         except APIResponseValidationError as exc:
             # The service answered 2xx: it acted, but we cannot tell on which task.
             raise SubmissionUncertainError(
                 idempotency_key=key, request=body, reason=str(exc)
             ) from exc
-        return Task(id=task_id, status=status, raw=_raw_dict(data))
+        return Task(id=task_id, status=status, raw=raw)
 
     async def get_task(self, task_id: str) -> Task:
         """The task's current state (one query, retried on transient failures).
@@ -727,10 +727,6 @@ def _limits_kwargs(limits: Limits) -> dict[str, Any]:
 def _proxy_from_env() -> bool:
     names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
     return any(_config.env(n) or _config.env(n.lower()) for n in names)
-
-
-def _raw_dict(data: object) -> dict[str, Any]:
-    return cast("dict[str, Any]", data) if isinstance(data, dict) else {}
 
 
 def _checked_id(task_id: str) -> str:

@@ -174,8 +174,8 @@ def _invalid(what: str, body: object) -> APIResponseValidationError:
     return APIResponseValidationError(what, status_code=200, excerpt=json.dumps(body)[:300])
 
 
-def parse_submit(body: object) -> tuple[str, TaskStatus]:
-    """The task id and status of a submit response, whatever its shape (§3.3 A-D)."""
+def parse_submit(body: object) -> tuple[str, TaskStatus, dict[str, Any]]:
+    """Task id, status and task object of a submit response, whatever its shape (§3.3 A-D)."""
     candidates: list[object] = []
     envelope = as_object(body)
     if envelope is not None:
@@ -189,7 +189,8 @@ def parse_submit(body: object) -> tuple[str, TaskStatus]:
             continue
         task_id = item.get("task_id") or item.get("id")
         if isinstance(task_id, str) and task_id.strip():
-            return task_id.strip(), TaskStatus.parse(item.get("status") or "submitted")
+            status = TaskStatus.parse(item.get("status") or "submitted")
+            return task_id.strip(), status, item
     raise _invalid("submit response carries no task id", body)
 
 

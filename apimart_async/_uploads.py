@@ -279,10 +279,13 @@ class UploadCache:
     (its job was), one of the waiters takes over.
     """
 
-    __slots__ = ("_done", "_flights", "_margin")
+    __slots__ = ("_done", "_flights", "_margin", "_max_entries")
 
-    def __init__(self, margin: float) -> None:
+    def __init__(self, margin: float, max_entries: int = 4096) -> None:
         self._margin = margin
+        # Bounded, so a long-running app that uploads many distinct images does not
+        # keep every URL for 72 h: the oldest entries go first (and dead ones on sight).
+        self._max_entries = max_entries
         self._done: dict[str, UploadedImage] = {}
         self._flights: dict[str, _Flight] = {}
 
@@ -298,6 +301,13 @@ class UploadCache:
             del self._done[sha256]
             return None
         return hit
+
+    def _remember(self, sha256: str, image: UploadedImage) -> None:
+        done = self._done
+        done.pop(sha256, None)
+        done[sha256] = image
+        while len(done) > self._max_entries:
+            del done[next(iter(done))]  # dicts keep insertion order: oldest first
 
     async def get_or_upload(
         self, sha256: str, upload: Callable[[], Awaitable[UploadedImage]]
@@ -327,7 +337,7 @@ class UploadCache:
             raise
         else:
             flight.result = result
-            self._done[sha256] = result
+            self._remember(sha256, result)
             return result, False
         finally:
             del self._flights[sha256]

@@ -119,3 +119,22 @@ async def test_upload_413_maps_to_payload_too_large() -> None:
 def _write(path: Path, data: bytes) -> Path:
     path.write_bytes(data)
     return path
+
+
+async def test_dedup_cache_is_bounded() -> None:
+    """The URL cache keeps at most its configured number of entries, oldest out first."""
+    from apimart_async._uploads import UploadCache
+
+    cache = UploadCache(margin=0.0, max_entries=3)
+    fake = FakeApimart(api_key="test-key")
+    async with AsyncApimart(api_key="test-key", transport=fake.transport()) as client:
+        for seed in range(5):
+            image = await client.upload_image(png(seed=seed), cache=False)
+            await cache.get_or_upload(f"sha{seed}", lambda image=image: _done(image))
+    assert len(cache) == 3
+    assert cache.get("sha0") is None and cache.get("sha4") is not None
+
+
+async def _done(image: am.UploadedImage) -> am.UploadedImage:
+    """An "upload" that is already done."""
+    return image
