@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import httpx
 
-from ._http import Exchange, check_declared_size, too_large
+from ._http import Exchange, check_declared_size, request_deadline, too_large
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterable, AsyncIterator
@@ -42,6 +42,12 @@ def _map_error(exc: BaseException) -> httpx.TransportError:
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientOSError):
         return httpx.ReadError(message)
     return httpx.TransportError(message)
+
+
+def _total(timeout: httpx.Timeout) -> float | None:
+    # aiohttp enforces the whole-request bound natively: no extra scope per call.
+    limit = request_deadline(timeout)
+    return None if limit == float("inf") else limit
 
 
 class _Stream(httpx.AsyncByteStream):
@@ -140,7 +146,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=headers,
                 data=content,
                 allow_redirects=False,
-                timeout=self._timeout(timeout.connect, timeout.pool, timeout.read),
+                timeout=self._timeout(timeout.connect, timeout.pool, timeout.read, _total(timeout)),
                 compress=None,
             ) as response:
                 status = response.status
@@ -157,13 +163,17 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
             raise _map_error(exc) from exc
 
     def _timeout(
-        self, connect: float | None, pool: float | None, read: float | None
+        self,
+        connect: float | None,
+        pool: float | None,
+        read: float | None,
+        total: float | None = None,
     ) -> aiohttp.ClientTimeout:
-        key = (connect, pool, read)
+        key = (connect, pool, read, total)
         cached = self._timeouts.get(key)
         if cached is None:
             cached = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, connect=pool, sock_connect=connect, sock_read=read
+                total=total, connect=pool, sock_connect=connect, sock_read=read
             )
         return cached
 

@@ -155,6 +155,25 @@ class Exchanger(Protocol):
     ) -> Exchange: ...
 
 
+def bounded(exchange: Exchanger) -> Exchanger:
+    """*exchange* under a whole-request deadline, for paths without a native one."""
+
+    async def run(
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        timeout: httpx.Timeout,
+        cap: int,
+    ) -> Exchange:
+        limit = request_deadline(timeout)
+        with anyio.move_on_after(limit):
+            return await exchange(method, url, headers, content, timeout, cap)
+        raise httpx.ReadTimeout(f"the request did not finish within {limit:g}s")
+
+    return run
+
+
 async def _read_exchange(response: httpx.Response, cap: int) -> Exchange:
     """Read a streamed response under *cap* into an ``Exchange``, closing it."""
     try:
@@ -171,6 +190,7 @@ def via_transport(transport: httpx.AsyncBaseTransport) -> Exchanger:
     """
     direct = getattr(transport, "exchange", None)
     if direct is not None:
+        # A native exchange bounds the whole request itself (see ``request_deadline``).
         return cast("Exchanger", direct)
 
     async def exchange(
@@ -186,7 +206,7 @@ def via_transport(transport: httpx.AsyncBaseTransport) -> Exchanger:
         )
         return await _read_exchange(await transport.handle_async_request(request), cap)
 
-    return exchange
+    return bounded(exchange)
 
 
 def via_client(client: httpx.AsyncClient) -> Exchanger:
@@ -206,7 +226,7 @@ def via_client(client: httpx.AsyncClient) -> Exchanger:
         response = await client.send(request, stream=True, follow_redirects=False)
         return await _read_exchange(response, cap)
 
-    return exchange
+    return bounded(exchange)
 
 
 def _time_left() -> float:
@@ -370,18 +390,12 @@ class HttpCore:
         all_headers = {**self._default_headers, **(headers or {}), **self._auth}
         url = self._prefix + path
         timeout = timeout or self._timeout
-        limit = request_deadline(timeout)
-        exchange: Exchange | None = None
         try:
-            with anyio.move_on_after(limit):
-                exchange = await self._exchange(
-                    method, url, all_headers, content, timeout, self._cap
-                )
+            status, response_headers, raw = await self._exchange(
+                method, url, all_headers, content, timeout, self._cap
+            )
         except httpx.RequestError as exc:
             raise map_request_error(exc, method, url) from exc
-        if exchange is None:
-            raise deadline_error(method, url, limit)
-        status, response_headers, raw = exchange
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("%s %s -> %d (%d bytes)", method, path, status, len(raw))
         if status >= 400:
