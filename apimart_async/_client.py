@@ -8,6 +8,7 @@ upload → submit → get_task → wait → generate → download → generate_m
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import random
@@ -154,13 +155,10 @@ class AsyncApimart:
         self._base_url = base
         self._limits = limits or Limits()
         if max_connections is not None:
-            self._limits = Limits(
-                **{**_limits_kwargs(self._limits), "max_connections": max_connections}
-            )
+            self._limits = dataclasses.replace(self._limits, max_connections=max_connections)
         self._retry = retry or RetryPolicy(attempts=max_retries + 1)
         self._poll = poll or PollPolicy()
         self._wait_timeout = wait_timeout
-        self._retry_uncertain = retry_uncertain_submits
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._owns_http = http_client is None
         own_transport: httpx.AsyncBaseTransport | None = None
@@ -718,10 +716,6 @@ class AsyncApimart:
 
 def _downloaded(task: Task, paths: list[Path]) -> Event:
     return DownloadedEvent(task.id, tuple(paths), 0.0)
-
-
-def _limits_kwargs(limits: Limits) -> dict[str, Any]:
-    return {f: getattr(limits, f) for f in Limits.__dataclass_fields__}
 
 
 def _proxy_from_env() -> bool:

@@ -155,10 +155,18 @@ class Exchanger(Protocol):
     ) -> Exchange: ...
 
 
-def bounded(exchange: Exchanger) -> Exchanger:
-    """*exchange* under a whole-request deadline, for paths without a native one."""
+Send = Callable[
+    [str, str, dict[str, str], "bytes | AsyncIterable[bytes] | None", httpx.Timeout],
+    Awaitable[httpx.Response],
+]
+"""Sends one request over httpx and returns the streamed response."""
 
-    async def run(
+
+def _over_httpx(send: Send) -> Exchanger:
+    """An exchange over an httpx *send*: read under the cap, closed, and bounded by a
+    whole-request deadline (httpx's own timeouts are per read)."""
+
+    async def exchange(
         method: str,
         url: str,
         headers: dict[str, str],
@@ -168,18 +176,15 @@ def bounded(exchange: Exchanger) -> Exchanger:
     ) -> Exchange:
         limit = request_deadline(timeout)
         with anyio.move_on_after(limit):
-            return await exchange(method, url, headers, content, timeout, cap)
+            response = await send(method, url, headers, content, timeout)
+            try:
+                body = await read_capped(response, cap)
+            finally:
+                await response.aclose()
+            return Exchange(response.status_code, response.headers, body)
         raise httpx.ReadTimeout(f"the request did not finish within {limit:g}s")
 
-    return run
-
-
-async def _read_exchange(response: httpx.Response, cap: int) -> Exchange:
-    """Read a streamed response under *cap* into an ``Exchange``, closing it."""
-    try:
-        return Exchange(response.status_code, response.headers, await read_capped(response, cap))
-    finally:
-        await response.aclose()
+    return exchange
 
 
 def via_transport(transport: httpx.AsyncBaseTransport) -> Exchanger:
@@ -193,40 +198,38 @@ def via_transport(transport: httpx.AsyncBaseTransport) -> Exchanger:
         # A native exchange bounds the whole request itself (see ``request_deadline``).
         return cast("Exchanger", direct)
 
-    async def exchange(
+    async def send(
         method: str,
         url: str,
         headers: dict[str, str],
         content: bytes | AsyncIterable[bytes] | None,
         timeout: httpx.Timeout,
-        cap: int,
-    ) -> Exchange:
+    ) -> httpx.Response:
+        extensions = {"timeout": timeout.as_dict()}
         request = httpx.Request(
-            method, url, content=content, headers=headers, extensions={"timeout": timeout.as_dict()}
+            method, url, content=content, headers=headers, extensions=extensions
         )
-        return await _read_exchange(await transport.handle_async_request(request), cap)
+        return await transport.handle_async_request(request)
 
-    return bounded(exchange)
+    return _over_httpx(send)
 
 
 def via_client(client: httpx.AsyncClient) -> Exchanger:
     """Exchanges through a borrowed client, keeping its hooks, proxies and mounts."""
 
-    async def exchange(
+    async def send(
         method: str,
         url: str,
         headers: dict[str, str],
         content: bytes | AsyncIterable[bytes] | None,
         timeout: httpx.Timeout,
-        cap: int,
-    ) -> Exchange:
+    ) -> httpx.Response:
         request = client.build_request(
             method, url, content=content, headers=headers, timeout=timeout
         )
-        response = await client.send(request, stream=True, follow_redirects=False)
-        return await _read_exchange(response, cap)
+        return await client.send(request, stream=True, follow_redirects=False)
 
-    return bounded(exchange)
+    return _over_httpx(send)
 
 
 def _time_left() -> float:
@@ -236,16 +239,12 @@ def _time_left() -> float:
 def _retry_after(exc: APIStatusError, cap: float) -> bool | float:
     hint = exc.retry_after if isinstance(exc, RateLimitError) else None
     if hint is None:
-        hint = _header_retry_after(exc)
+        hint = parse_retry_after(exc.headers.get("retry-after"))
     if hint is None:
         return True
     wait = min(hint, cap)
     # Sleeping past the caller's deadline would only turn a clear 429 into a timeout.
     return wait if wait < _time_left() else False
-
-
-def _header_retry_after(exc: APIStatusError) -> float | None:
-    return parse_retry_after(exc.headers.get("retry-after"))
 
 
 def is_transient(exc: Exception) -> bool:
@@ -467,10 +466,3 @@ class RetryingCall:
             return await attempt()
 
         return await self._bound(replay_then_attempt)
-
-
-def describe(exc: BaseException) -> str:
-    """A short, key-free description of an error for logs and summaries."""
-    if isinstance(exc, ApimartError | ValueError):
-        return f"{type(exc).__name__}: {exc}"
-    return type(exc).__name__

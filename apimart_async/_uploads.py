@@ -23,7 +23,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any, Union, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.to_thread
@@ -36,10 +36,8 @@ if TYPE_CHECKING:
 
     from .types import UploadedImage
 
-__all__ = ["ImageSource", "PreparedImage", "UploadCache", "prepare_image", "sniff_image_type"]
+__all__ = ["PreparedImage", "UploadCache", "prepare_image", "sniff_image_type"]
 
-ImageSource = Union[str, "os.PathLike[str]", bytes, IO[bytes]]
-"""What ``upload_image`` accepts: a path, the bytes, or a binary file object."""
 
 # Read whole below this size (one worker-thread hop); stream from disk above it.
 SMALL_FILE = 1024 * 1024
