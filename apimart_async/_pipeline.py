@@ -2,10 +2,18 @@
 
 Shape (all structured; nothing outlives the ``async with``)::
 
-    run() ── task group ──┬── feeder: reads requests lazily; a Semaphore(concurrency)
-          │               │   bounds jobs alive at once, so read-ahead is bounded
-          │               └── job × N: upload → submit → wait → download → Outcome
+    run() ── task group ── drive ── task group ── worker × up to *concurrency*
+          │                                        each: pull the next request
+          │                                        (lazily, one at a time), run
+          │                                        upload → submit → wait →
+          │                                        download, send its Outcome
           └── yields the receive end of a memory object stream of Outcomes
+
+Workers, not a task per job: a pool of at most *concurrency* tasks pulls requests from
+the shared input, so read-ahead is bounded by construction and a batch of a million
+jobs starts *concurrency* tasks, not a million (spawning a task costs more than a
+pipeline's own bookkeeping). The pool grows one worker per request pulled while the
+input lasts, so three requests never start 64 idle workers.
 
 A job turns every ``Exception`` into its own ``Outcome`` (typed errors from the client,
 ``ValueError`` subclasses for bad input), so one failure never cancels a sibling and no
@@ -18,10 +26,10 @@ created task is still reported), and connections go back to the pool.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, Callable, Iterable
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
@@ -33,7 +41,7 @@ from .types import DownloadedEvent, Event, FailedEvent, Outcome, Task, TaskStatu
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import AsyncGenerator, AsyncIterator
+    from collections.abc import AsyncGenerator
 
     from anyio.streams.memory import MemoryObjectSendStream
 
@@ -49,18 +57,68 @@ class JobState:
     task: Task | None = None
 
 
-async def _each(items: Iterable[Any] | AsyncIterable[Any]) -> AsyncGenerator[Any, None]:
-    """Iterate a sync or async iterable; an async source is closed however we stop."""
-    if not isinstance(items, AsyncIterable):
-        for item in items:
-            yield item
-        return
-    source = aiter(items)
-    try:
-        async for item in source:
-            yield item
-    finally:
-        aclose = getattr(source, "aclose", None)
+class _Source:
+    """The caller's requests, pulled one at a time by whichever worker is free.
+
+    Pulls are serialised (an async source may suspend mid-pull), so indices follow the
+    input order. A source that raises is treated as exhausted and its error kept, to be
+    raised plainly once the jobs already started have finished.
+    """
+
+    __slots__ = ("_async", "_iter", "_lock", "error", "exhausted", "pulled")
+
+    def __init__(self, items: Iterable[Any] | AsyncIterable[Any]) -> None:
+        self._async = isinstance(items, AsyncIterable)
+        self._iter: Iterator[Any] | AsyncIterator[Any] = (
+            aiter(items) if isinstance(items, AsyncIterable) else iter(items)
+        )
+        self._lock = anyio.Lock(fast_acquire=True)
+        self.error: Exception | None = None
+        self.exhausted = False
+        self.pulled = 0
+
+    async def next(self) -> tuple[int, Any] | None:
+        """The next (index, request), or None once the input is spent or broken."""
+        if not self._async:
+            return self._take_sync()
+        async with self._lock:
+            if self.exhausted:
+                return None
+            try:
+                item = await anext(cast("AsyncIterator[Any]", self._iter))
+            except StopAsyncIteration:
+                self.exhausted = True
+                return None
+            except Exception as exc:  # noqa: BLE001 - raised plainly after the jobs end
+                self._broken(exc)
+                return None
+            return self._numbered(item)
+
+    def _take_sync(self) -> tuple[int, Any] | None:
+        if self.exhausted:
+            return None
+        try:
+            item = next(cast("Iterator[Any]", self._iter))
+        except StopIteration:
+            self.exhausted = True
+            return None
+        except Exception as exc:  # noqa: BLE001 - raised plainly after the jobs end
+            self._broken(exc)
+            return None
+        return self._numbered(item)
+
+    def _numbered(self, item: Any) -> tuple[int, Any]:
+        index = self.pulled
+        self.pulled += 1
+        return index, item
+
+    def _broken(self, exc: Exception) -> None:
+        self.error = exc
+        self.exhausted = True
+
+    async def aclose(self) -> None:
+        """Close an async source (a generator's ``finally`` runs), however we stopped."""
+        aclose = getattr(self._iter, "aclose", None) if self._async else None
         if aclose is not None:
             with anyio.CancelScope(shield=True):
                 await aclose()
@@ -93,65 +151,51 @@ class Pipeline:
         self._allow_unknown = allow_unknown
         self._keys = idempotency_keys
         self._known = known_tasks
-        self._feed_error: BaseException | None = None
+        self._workers = 0
 
     @asynccontextmanager
     async def run(
         self, requests: Iterable[Any] | AsyncIterable[Any]
     ) -> AsyncGenerator[AsyncIterator[Outcome], None]:
         """Start the jobs; yield the stream of their outcomes; cancel what is left."""
+        source = _Source(requests)
         send, receive = anyio.create_memory_object_stream[Outcome](self._concurrency)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._feed, requests, send)
+                tg.start_soon(self._drive, source, send)
                 try:
                     yield receive
                 finally:
                     tg.cancel_scope.cancel()
         finally:
             receive.close()
-        if self._feed_error is not None:
-            raise self._feed_error
+        if source.error is not None:
+            raise source.error
 
-    async def _feed(
-        self,
-        requests: Iterable[Any] | AsyncIterable[Any],
-        send: MemoryObjectSendStream[Outcome],
-    ) -> None:
-        # fast_acquire: a free slot starts the next job at once; without it every
-        # acquire yields first and short jobs never pile up to *concurrency*.
-        slots = anyio.Semaphore(self._concurrency, fast_acquire=True)
-        async with send, anyio.create_task_group() as jobs:
-            index = 0
-            items = _each(requests)
-            try:
-                async for item in items:
-                    await slots.acquire()
-                    jobs.start_soon(self._job, index, item, send, slots, jobs)
-                    index += 1
-            except Exception as exc:  # noqa: BLE001 - re-raised plainly after the jobs end
-                # The caller's iterable broke: finish what started, then report it
-                # plainly (never wrapped in an ExceptionGroup).
-                self._feed_error = exc
-            finally:
-                with anyio.CancelScope(shield=True):
-                    await items.aclose()
-
-    async def _job(
-        self,
-        index: int,
-        item: Any,
-        send: MemoryObjectSendStream[Outcome],
-        slots: anyio.Semaphore,
-        jobs: anyio.abc.TaskGroup,
-    ) -> None:
+    async def _drive(self, source: _Source, send: MemoryObjectSendStream[Outcome]) -> None:
         try:
-            outcome = await self._run_job(index, item)
+            async with send, anyio.create_task_group() as workers:
+                self._workers = 1
+                workers.start_soon(self._worker, source, send, workers)
         finally:
-            slots.release()
-        await send.send(outcome)
-        if self._fail_fast and outcome.error is not None:
-            jobs.cancel_scope.cancel()
+            await source.aclose()
+
+    async def _worker(
+        self,
+        source: _Source,
+        send: MemoryObjectSendStream[Outcome],
+        workers: anyio.abc.TaskGroup,
+    ) -> None:
+        while (pulled := await source.next()) is not None:
+            if self._workers < self._concurrency and not source.exhausted:
+                # The input goes on: one more worker, up to the concurrency.
+                self._workers += 1
+                workers.start_soon(self._worker, source, send, workers)
+            outcome = await self._run_job(*pulled)
+            await send.send(outcome)
+            if self._fail_fast and outcome.error is not None:
+                workers.cancel_scope.cancel()
+                return
 
     async def _run_job(self, index: int, item: Any) -> Outcome:
         client = self._client

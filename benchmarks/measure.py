@@ -8,17 +8,20 @@
 * Peak RSS is ``VmHWM`` from ``/proc/self/status`` after resetting the high-water mark
   (writing ``5`` to ``/proc/self/clear_refs``) at the start of the measured section, so
   it is the peak *of that section*; ``ru_maxrss`` (lifetime peak) is reported too.
+* Cyclic GC: collections per generation and the time spent in them during the section.
 * Open sockets are the entries of ``/proc/self/fd`` that link to ``socket:[...]``
   (asyncio's self-pipe is a socket pair, so an idle loop already holds two).
 """
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from typing_extensions import Self
 
@@ -109,7 +112,13 @@ class SocketSampler:
 
 @dataclass
 class Meter:
-    """CPU, wall clock and RSS around one measured section (``start`` then ``stop``)."""
+    """CPU, wall clock, RSS and cyclic-GC time around one measured section.
+
+    The GC figures come from a ``gc.callbacks`` hook (it runs once per collection, so
+    it costs nothing measurable): collections per generation and the time inside them.
+    Garbage collection is where per-pipeline allocations turn into CPU that grows with
+    the number of pipelines alive at once, so it is reported apart.
+    """
 
     cpu: float = 0.0
     wall: float = 0.0
@@ -118,11 +127,22 @@ class Meter:
     rss_peak: int = 0
     _cpu0: float = 0.0
     _wall0: float = 0.0
+    _gc0: float = 0.0
+    gc_s: float = 0.0
+    gc_collections: list[int] = field(default_factory=lambda: [0, 0, 0])
+
+    def _on_gc(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._gc0 = time.perf_counter()
+        else:
+            self.gc_s += time.perf_counter() - self._gc0
+            self.gc_collections[info["generation"]] += 1
 
     def start(self) -> None:
         """Take the baseline: current RSS, reset peak, CPU and wall readings."""
         self.rss_before = rss_now()
         reset_peak_rss()
+        gc.callbacks.append(self._on_gc)
         self._wall0 = time.perf_counter()
         self._cpu0 = cpu_seconds()
 
@@ -130,14 +150,17 @@ class Meter:
         """Close the section."""
         self.cpu = cpu_seconds() - self._cpu0
         self.wall = time.perf_counter() - self._wall0
+        gc.callbacks.remove(self._on_gc)
         self.rss_after = rss_now()
         self.rss_peak = peak_rss()
 
-    def as_dict(self) -> dict[str, float | int]:
+    def as_dict(self) -> dict[str, Any]:
         """The readings, JSON-ready."""
         return {
             "cpu_s": self.cpu,
             "wall_s": self.wall,
+            "gc_s": self.gc_s,
+            "gc_collections": self.gc_collections,
             "rss_before": self.rss_before,
             "rss_after": self.rss_after,
             "rss_peak": self.rss_peak,
