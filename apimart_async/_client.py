@@ -20,6 +20,7 @@ import anyio
 import httpx
 
 from . import _config
+from ._clock import now
 from ._config import Limits, PollPolicy, RetryPolicy
 from ._download import download_images
 from ._events import EventHandler, checked_key, emit
@@ -157,7 +158,7 @@ class AsyncApimart:
         if max_connections is not None:
             self._limits = dataclasses.replace(self._limits, max_connections=max_connections)
         self._retry = retry or RetryPolicy(attempts=max_retries + 1)
-        self._poll = poll or PollPolicy()
+        self._poll_policy = poll or PollPolicy()
         self._wait_timeout = wait_timeout
         self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
         self._owns_http = http_client is None
@@ -259,7 +260,7 @@ class AsyncApimart:
     @property
     def poll_policy(self) -> PollPolicy:
         """The schedule ``wait`` uses."""
-        return self._poll
+        return self._poll_policy
 
     # -- upload --------------------------------------------------------------------
 
@@ -308,23 +309,21 @@ class AsyncApimart:
             "Content-Length": str(len(preamble) + image.size + len(epilogue)),
         }
 
-        async def attempt() -> Any:
-            # A fresh body per attempt: a stream cannot be replayed.
-            content: bytes | AsyncIterable[bytes]
-            if image.data is not None:
-                content = preamble + image.data + epilogue
-            else:
-                content = multipart_body(image, preamble, epilogue)
+        async def attempt(content: bytes | AsyncIterable[bytes] | None = None) -> Any:
+            # A stream cannot be replayed: a file is read afresh for every attempt.
             return await self._http.request_json(
                 "POST",
                 "/v1/uploads/images",
-                content=content,
+                content=content or multipart_body(image, preamble, epilogue),
                 headers=headers,
                 timeout=_config.DEFAULT_UPLOAD_TIMEOUT,
             )
 
         async with self._upload_limiter:
-            body = await self._idempotent(attempt)
+            if image.data is not None:
+                body = await self._idempotent(attempt, preamble + image.data + epilogue)
+            else:
+                body = await self._idempotent(attempt)
         return parse_upload(body, sha256=image.sha256)
 
     # -- submit / query ------------------------------------------------------------
@@ -367,20 +366,21 @@ class AsyncApimart:
             "X-APIMart-Response-Version": _config.RESPONSE_VERSION,
         }
 
-        async def attempt() -> Any:
-            return await self._http.request_json(
-                "POST", "/v1/images/generations", content=content, headers=headers
-            )
-
         data: Any = None
         failure: ApimartError | None = None
         async with self._submit_limiter:
             # Shielded: once bytes may be on the wire, we stay to hear the answer, so a
             # cancelled caller still learns the task id (or that it is uncertain).
             with anyio.CancelScope(shield=True) as shield:
-                shield.deadline = anyio.current_time() + _config.SUBMIT_SHIELD
+                shield.deadline = now() + _config.SUBMIT_SHIELD
                 try:
-                    data = await self._submit_call(attempt)
+                    data = await self._submit_call(
+                        self._http.request_json,
+                        "POST",
+                        "/v1/images/generations",
+                        content=content,
+                        headers=headers,
+                    )
                 except ApimartError as exc:
                     failure = exc
         if failure is not None:
@@ -413,11 +413,7 @@ class AsyncApimart:
         """
         self._check_open()
         path = f"/v1/tasks/{_task_path(task_id)}"
-
-        async def attempt() -> Any:
-            return await self._http.request_json("GET", path)
-
-        return parse_task(await self._idempotent(attempt))
+        return parse_task(await self._idempotent(self._http.request_json, "GET", path))
 
     # -- wait ----------------------------------------------------------------------
 
@@ -427,8 +423,6 @@ class AsyncApimart:
         *,
         timeout: float | None | _Unset = NOT_GIVEN,
         on_event: EventHandler | None = None,
-        _started: float | None = None,
-        _job: int | None = None,
     ) -> Task:
         """Poll until the task finishes; return it completed, or raise.
 
@@ -446,43 +440,55 @@ class AsyncApimart:
         self._check_open()
         limit = self._wait_timeout if isinstance(timeout, _Unset) else timeout
         fresh = isinstance(task, Task)
+        state = JobState(task if isinstance(task, Task) else None)
         task_id = task.id if isinstance(task, Task) else _checked_id(task)
-        last: Task | None = task if isinstance(task, Task) else None
-        now = anyio.current_time()
-        started = now if _started is None else _started
-        schedule = PollSchedule(self._poll, started, self._random)
+        with anyio.move_on_after(limit):
+            return await self._poll(task_id, state, fresh, now(), on_event, None)
+        raise TaskTimeoutError(task_id=task_id, task=state.task, timeout=limit)
+
+    async def _poll(
+        self,
+        task_id: str,
+        state: JobState,
+        fresh: bool,
+        started: float,
+        on_event: EventHandler | None,
+        job: int | None,
+    ) -> Task:
+        """The body of ``wait``, with no deadline of its own: the caller's scope has it.
+
+        *state* learns every task seen, so a deadline can report the last one.
+        """
+        schedule = PollSchedule(self._poll_policy, started, self._random)
+        last = state.task
         delay = schedule.first_delay(last.estimated_time if last else None) if fresh else 0.0
-        with anyio.move_on_after(limit) as scope:
-            while True:
-                if delay > 0:
-                    await anyio.sleep(delay)
-                await self._poll_budget.acquire()
-                try:
-                    async with self._poll_limiter:
-                        current = await self.get_task(task_id)
-                except ApimartError as exc:
-                    if not is_transient(exc):
-                        raise
-                    # Retries are spent; keep the task alive and ask again later.
-                    delay = schedule.next_delay(
-                        last or Task(id=task_id, status=TaskStatus.UNKNOWN), anyio.current_time()
-                    )
-                    continue
-                last = current
-                if on_event is not None:
-                    elapsed = anyio.current_time() - started
-                    await emit(
-                        on_event,
-                        ProgressEvent(task_id, current.status, current.progress, elapsed, _job),
-                    )
-                if current.status.is_terminal:
-                    break
-                delay = schedule.next_delay(current, anyio.current_time())
-        if scope.cancelled_caught:
-            raise TaskTimeoutError(task_id=task_id, task=last, timeout=limit)
-        assert last is not None
+        while True:
+            if delay > 0:
+                await anyio.sleep(delay)
+            await self._poll_budget.acquire()
+            try:
+                async with self._poll_limiter:
+                    current = await self.get_task(task_id)
+            except ApimartError as exc:
+                if not is_transient(exc):
+                    raise
+                # Retries are spent; keep the task alive and ask again later.
+                delay = schedule.next_delay(
+                    last or Task(id=task_id, status=TaskStatus.UNKNOWN), now()
+                )
+                continue
+            last = state.task = current
+            if on_event is not None:
+                elapsed = now() - started
+                await emit(
+                    on_event,
+                    ProgressEvent(task_id, current.status, current.progress, elapsed, job),
+                )
+            if current.status.is_terminal:
+                break
+            delay = schedule.next_delay(current, now())
         if last.status is TaskStatus.COMPLETED:
-            await emit(on_event, CompletedEvent(last, anyio.current_time() - started, _job))
+            await emit(on_event, CompletedEvent(last, now() - started, job))
             return last
         if last.status is TaskStatus.CANCELLED:
             raise TaskCancelledError(task_id=task_id, task=last)
@@ -523,7 +529,7 @@ class AsyncApimart:
         key = checked_key(idempotency_key)
         limit = self._wait_timeout if isinstance(timeout, _Unset) else timeout
         state = JobState()
-        started = anyio.current_time()
+        started = now()
         try:
             return await self._run_pipeline(
                 req, key=key, timeout=limit, on_event=on_event, state=state
@@ -551,44 +557,49 @@ class AsyncApimart:
         """upload → submit → wait under one deadline; the body of generate and jobs.
 
         *state* learns the task as soon as it exists, so a later failure cannot lose it.
+        One cancel scope carries the deadline for every stage; which error a passed
+        deadline becomes depends on the stage it interrupted.
         """
-        started = anyio.current_time()
-        deadline = float("inf") if timeout is None else started + timeout
+        started = now()
         timings = {} if timings is None else timings
-        task = known_task
-        if task is None:
-            if req.local_images():
-                with anyio.move_on_after(max(deadline - anyio.current_time(), 0)) as scope:
+        state = JobState() if state is None else state
+        state.task = known_task
+        stage = "upload"
+        with anyio.move_on_after(timeout):
+            if known_task is None:
+                if req.local_images():
                     req = await self._upload_local(req, on_event, started, job, timings)
-                if scope.cancelled_caught:
-                    raise APITimeoutError(
-                        f"the pipeline deadline ({timeout:g}s) passed while uploading images",
-                        method="POST",
-                        url=self._http.url("/v1/uploads/images"),
-                        sent=True,
-                    )
-            t0 = anyio.current_time()
-            task = await self._submit(req.to_body(), key)
-            timings["submit"] = anyio.current_time() - t0
-            if state is not None:
-                state.task = task
-            if on_event is not None:
-                with anyio.CancelScope(shield=True):
-                    event = SubmittedEvent(task.id, anyio.current_time() - started, job)
-                    await emit(on_event, event)
-        # Thousands of jobs may wait at once: hold nothing the wait does not need.
-        del req
-        t0 = anyio.current_time()
-        try:
-            return await self.wait(
-                task,
-                timeout=max(deadline - anyio.current_time(), 0) if timeout is not None else None,
-                on_event=on_event,
-                _started=t0 if known_task is None else None,
-                _job=job,
-            )
-        finally:
-            timings["wait"] = anyio.current_time() - t0
+                stage = "submit"
+                t0 = now()
+                state.task = await self._submit(req.to_body(), key)
+                timings["submit"] = now() - t0
+                if on_event is not None:
+                    with anyio.CancelScope(shield=True):
+                        event = SubmittedEvent(state.task.id, now() - started, job)
+                        await emit(on_event, event)
+            # Thousands of jobs may wait at once: hold nothing the wait does not need.
+            del req
+            stage = "wait"
+            assert state.task is not None
+            t0 = now()
+            try:
+                return await self._poll(state.task.id, state, known_task is None, t0, on_event, job)
+            finally:
+                timings["wait"] = now() - t0
+        if stage == "wait":
+            assert state.task is not None
+            raise TaskTimeoutError(task_id=state.task.id, task=state.task, timeout=timeout)
+        # A submit is shielded once it may be on the wire, so a deadline that ends the
+        # submit stage caught it still queued for a slot: nothing was sent.
+        raise APITimeoutError(
+            f"the pipeline deadline ({timeout:g}s) passed while "
+            + ("uploading images" if stage == "upload" else "waiting to submit"),
+            method="POST",
+            url=self._http.url(
+                "/v1/uploads/images" if stage == "upload" else "/v1/images/generations"
+            ),
+            sent=stage == "upload",
+        )
 
     async def _upload_local(
         self,
@@ -599,7 +610,7 @@ class AsyncApimart:
         timings: dict[str, float],
     ) -> BaseImageRequest:
         local = req.local_images()
-        t0 = anyio.current_time()
+        t0 = now()
         entries = [u if isinstance(u, str) else "" for u in (req.image_urls or ())]
         # Every image is checked before any is uploaded: one bad file costs no upload.
         prepared = [(position, await prepare_image(source)) for position, source in local]
@@ -613,7 +624,7 @@ class AsyncApimart:
                 return
             entries[position] = image.url
             if on_event is not None:
-                elapsed = anyio.current_time() - started
+                elapsed = now() - started
                 await emit(on_event, UploadedEvent(image, elapsed, job, cached))
 
         if len(prepared) == 1:
@@ -624,7 +635,7 @@ class AsyncApimart:
                     tg.start_soon(one, position, image_source)
         if failures:
             raise failures[0]  # the caller sees our error, never an ExceptionGroup
-        timings["upload"] = anyio.current_time() - t0
+        timings["upload"] = now() - t0
         return req.with_image_urls(entries)
 
     # -- download ------------------------------------------------------------------
@@ -736,4 +747,4 @@ def _task_path(task_id: str) -> str:
 
 
 def _failed(error: BaseException, task: Task | None, started: float, job: int | None) -> Event:
-    return FailedEvent(error, task.id if task else None, anyio.current_time() - started, job)
+    return FailedEvent(error, task.id if task else None, now() - started, job)

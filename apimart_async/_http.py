@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
-from typing import TYPE_CHECKING, Any, NamedTuple, Protocol, TypeVar, cast
+from typing import TYPE_CHECKING, Any, NamedTuple, ParamSpec, Protocol, TypeVar, cast
 
 import anyio
 import httpx
@@ -59,6 +59,7 @@ __all__ = [
 logger = logging.getLogger("apimart_async")
 
 T = TypeVar("T")
+P = ParamSpec("P")
 BackoffHook = Callable[[Exception], "bool | float"]
 
 # Failures where httpx guarantees no byte of the request left this process.
@@ -434,10 +435,10 @@ class HttpCore:
 
 
 class RetryingCall:
-    """Runs a zero-argument coroutine function under a bound stamina caller.
+    """Runs ``fn(*args, **kwargs)`` under a bound stamina caller.
 
-    The callable takes no arguments on purpose: stamina's retry log records the
-    arguments of the retried call, and ours would include headers.
+    Stamina only ever sees a zero-argument callable: its retry log records the
+    arguments of the retried call, and ours include headers.
     """
 
     __slots__ = ("_bound", "_hook")
@@ -446,11 +447,13 @@ class RetryingCall:
         self._bound = bound
         self._hook = hook
 
-    async def __call__(self, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def __call__(
+        self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
+    ) -> T:
         # Most calls succeed first time; setting up stamina's retry state for each
         # costs more than the request's own parsing, so the first attempt runs bare.
         try:
-            return await attempt()
+            return await fn(*args, **kwargs)
         except Exception as exc:
             if self._hook(exc) is False:
                 raise
@@ -463,6 +466,6 @@ class RetryingCall:
             if first is not None:
                 failed, first = first, None
                 raise failed
-            return await attempt()
+            return await fn(*args, **kwargs)
 
         return await self._bound(replay_then_attempt)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 import anyio.abc
 
+from ._clock import now
 from ._events import emit, new_idempotency_key
 from ._exceptions import TaskError
 from .models import BaseImageRequest, parse_request
@@ -202,7 +203,7 @@ class Pipeline:
         timings: dict[str, float] = {}
         state = JobState()
         key: str | None = None
-        started = anyio.current_time()
+        started = now()
         try:
             key = (self._keys(index, item) if self._keys else None) or new_idempotency_key()
             known = self._known(index, item) if self._known else None
@@ -223,20 +224,20 @@ class Pipeline:
             )
             files: tuple[Any, ...] = ()
             if self._download_to is not None:
-                t0 = anyio.current_time()
+                t0 = now()
                 paths = await client.download(task, self._download_to)
-                timings["download"] = anyio.current_time() - t0
+                timings["download"] = now() - t0
                 files = tuple(paths)
                 await emit(
                     self._on_event,
-                    DownloadedEvent(task.id, files, anyio.current_time() - started, index),
+                    DownloadedEvent(task.id, files, now() - started, index),
                 )
             return Outcome(index, item, task, None, timings, files, key)
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             task_seen = exc.task if isinstance(exc, TaskError) and exc.task else state.task
             if self._on_event is not None:
                 event = FailedEvent(
-                    exc, task_seen.id if task_seen else None, anyio.current_time() - started, index
+                    exc, task_seen.id if task_seen else None, now() - started, index
                 )
                 # Shielded: a cancelled batch must still hear of an uncertain submit.
                 with anyio.CancelScope(shield=True):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
+from ._clock import now
 from .types import Task, TaskStatus
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ __all__ = ["PollSchedule", "RateLimiter"]
 class PollSchedule:
     """The adaptive delays (in real seconds) between polls of one task.
 
-    *started* is the local ``anyio.current_time()`` when the task was submitted (or
+    *started* is the local ``now()`` when the task was submitted (or
     when waiting began, for a task submitted elsewhere).
     """
 
@@ -117,9 +118,9 @@ class RateLimiter:
 
     async def acquire(self) -> None:
         """Wait for this caller's slot."""
-        now = anyio.current_time()
+        current = now()
         # Unused capacity accumulates only up to the burst size.
-        slot = max(self._next, now - (self._burst - 1) * self._interval)
+        slot = max(self._next, current - (self._burst - 1) * self._interval)
         self._next = slot + self._interval
-        if slot > now:
-            await anyio.sleep(slot - now)
+        if slot > current:
+            await anyio.sleep(slot - current)

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -494,6 +495,22 @@ async def test_wait_failed_cancelled_and_timeout() -> None:
             await client.wait("task_A", timeout=0.05)
     assert isinstance(tinfo.value, TimeoutError)
     assert tinfo.value.task_id == "task_A"
+
+
+async def test_pipeline_deadline_names_the_stage_it_interrupted() -> None:
+    """Queued for a submit slot: never sent, APITimeoutError; polling: TaskTimeoutError."""
+    script = Script(reply(200, SUBMIT_A), *[reply(200, task_body(status="processing"))] * 200)
+    async with make(script, limits=am.Limits(submits=1)) as client:
+        async with client._submit_limiter:  # the one submit slot is taken
+            with anyio.fail_after(5), pytest.raises(am.APITimeoutError) as info:
+                await client.generate(model="imagen-4.0-apimart", prompt="p", timeout=0.05)
+        assert not isinstance(info.value, am.TaskTimeoutError)
+        assert info.value.sent is False and "waiting to submit" in str(info.value)
+        assert script.requests == []
+        with pytest.raises(am.TaskTimeoutError) as tinfo:
+            await client.generate(model="imagen-4.0-apimart", prompt="p", timeout=0.05)
+    assert tinfo.value.task is not None and tinfo.value.task.status is TaskStatus.PROCESSING
+    assert tinfo.value.timeout == 0.05
 
 
 async def test_wait_unknown_status_polls_until_deadline() -> None:
