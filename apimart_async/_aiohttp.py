@@ -15,6 +15,7 @@ undecoded (``auto_decompress=False``) so httpx decodes them exactly as it would 
 from __future__ import annotations
 
 import asyncio
+import sys
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -179,7 +180,11 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
     async def _wait_for_slot(self, pool_timeout: float | None) -> None:
         """Queue for a connection slot; httpx's ``PoolTimeout`` (nothing sent) if none."""
         try:
-            await asyncio.wait_for(self._slots.acquire(), pool_timeout)
+            if sys.version_info >= (3, 11):  # a timer, where wait_for spawns a task
+                async with asyncio.timeout(pool_timeout):
+                    await self._slots.acquire()
+            else:
+                await asyncio.wait_for(self._slots.acquire(), pool_timeout)
         except asyncio.TimeoutError:
             raise httpx.PoolTimeout(f"no connection became free within {pool_timeout:g}s") from None
 
