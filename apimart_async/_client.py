@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import random
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
@@ -461,32 +462,59 @@ class AsyncApimart:
         """
         schedule = PollSchedule(self._poll_policy, started, self._random)
         last = state.task
-        delay = schedule.first_delay(last.estimated_time if last else None) if fresh else 0.0
-        while True:
+        delay: float | None = 0.0
+        if fresh:
+            delay = schedule.first_delay(last.estimated_time if last else None)
+        while delay is not None:
             if delay > 0:
                 await anyio.sleep(delay)
             await self._poll_budget.acquire()
-            try:
-                async with self._poll_limiter:
-                    current = await self.get_task(task_id)
-            except ApimartError as exc:
-                if not is_transient(exc):
-                    raise
-                # Retries are spent; keep the task alive and ask again later.
-                delay = schedule.next_delay(
-                    last or Task(id=task_id, status=TaskStatus.UNKNOWN), now()
-                )
-                continue
-            last = state.task = current
-            if on_event is not None:
-                elapsed = now() - started
-                await emit(
-                    on_event,
-                    ProgressEvent(task_id, current.status, current.progress, elapsed, job),
-                )
-            if current.status.is_terminal:
-                break
-            delay = schedule.next_delay(current, now())
+            delay = await self._poll_once(task_id, state, schedule, started, on_event, job)
+        return await self._finish_wait(task_id, state, started, on_event, job)
+
+    async def _poll_once(
+        self,
+        task_id: str,
+        state: JobState,
+        schedule: PollSchedule,
+        started: float,
+        on_event: EventHandler | None,
+        job: int | None,
+    ) -> float | None:
+        """One query of a waiting task (its poll budget already drawn): the delay until
+        the next one, or None once the task is terminal (it is then in *state*).
+
+        A transient failure that outlived its retries is not an error here: the task is
+        still there, so the next query is merely scheduled.
+        """
+        try:
+            async with self._poll_limiter:
+                current = await self.get_task(task_id)
+        except ApimartError as exc:
+            if not is_transient(exc):
+                raise
+            last = state.task or Task(id=task_id, status=TaskStatus.UNKNOWN)
+            return schedule.next_delay(last, now())
+        state.task = current
+        if on_event is not None:
+            elapsed = now() - started
+            event = ProgressEvent(task_id, current.status, current.progress, elapsed, job)
+            await emit(on_event, event)
+        if current.status.is_terminal:
+            return None
+        return schedule.next_delay(current, now())
+
+    async def _finish_wait(
+        self,
+        task_id: str,
+        state: JobState,
+        started: float,
+        on_event: EventHandler | None,
+        job: int | None,
+    ) -> Task:
+        """The end of a wait on a terminal task: completed is returned, the rest raised."""
+        last = state.task
+        assert last is not None
         if last.status is TaskStatus.COMPLETED:
             await emit(on_event, CompletedEvent(last, now() - started, job))
             return last
@@ -549,50 +577,59 @@ class AsyncApimart:
         key: str,
         timeout: float | None,
         on_event: EventHandler | None,
-        job: int | None = None,
-        timings: dict[str, float] | None = None,
-        known_task: Task | None = None,
-        state: JobState | None = None,
+        state: JobState,
     ) -> Task:
-        """upload → submit → wait under one deadline; the body of generate and jobs.
+        """upload → submit → wait under one deadline: the body of ``generate``.
 
         *state* learns the task as soon as it exists, so a later failure cannot lose it.
-        One cancel scope carries the deadline for every stage; which error a passed
-        deadline becomes depends on the stage it interrupted.
         """
         started = now()
+        deadline = math.inf if timeout is None else started + timeout
+        task = await self._start(
+            req, key=key, deadline=deadline, on_event=on_event, state=state, started=started
+        )
+        # Hold nothing the wait does not need.
+        del req
+        with anyio.CancelScope(deadline=deadline):
+            return await self._poll(task.id, state, True, now(), on_event, None)
+        raise TaskTimeoutError(task_id=task.id, task=state.task, timeout=timeout)
+
+    async def _start(
+        self,
+        req: BaseImageRequest,
+        *,
+        key: str,
+        deadline: float,
+        on_event: EventHandler | None,
+        state: JobState,
+        started: float,
+        job: int | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> Task:
+        """Upload local images, then submit, before *deadline* (loop clock; inf: none).
+
+        The created task is returned and put in *state*. A deadline that interrupts the
+        upload, or the wait for a submit slot, is an ``APITimeoutError``; a submit once
+        it may be on the wire is shielded, so it is never cut short by the deadline.
+        """
         timings = {} if timings is None else timings
-        state = JobState() if state is None else state
-        state.task = known_task
         stage = "upload"
-        with anyio.move_on_after(timeout):
-            if known_task is None:
-                if req.local_images():
-                    req = await self._upload_local(req, on_event, started, job, timings)
-                stage = "submit"
-                t0 = now()
-                state.task = await self._submit(req.to_body(), key)
-                timings["submit"] = now() - t0
-                if on_event is not None:
-                    with anyio.CancelScope(shield=True):
-                        event = SubmittedEvent(state.task.id, now() - started, job)
-                        await emit(on_event, event)
-            # Thousands of jobs may wait at once: hold nothing the wait does not need.
-            del req
-            stage = "wait"
-            assert state.task is not None
+        with anyio.CancelScope(deadline=deadline):
+            if req.local_images():
+                req = await self._upload_local(req, on_event, started, job, timings)
+            stage = "submit"
             t0 = now()
-            try:
-                return await self._poll(state.task.id, state, known_task is None, t0, on_event, job)
-            finally:
-                timings["wait"] = now() - t0
-        if stage == "wait":
-            assert state.task is not None
-            raise TaskTimeoutError(task_id=state.task.id, task=state.task, timeout=timeout)
-        # A submit is shielded once it may be on the wire, so a deadline that ends the
+            task = state.task = await self._submit(req.to_body(), key)
+            timings["submit"] = now() - t0
+            if on_event is not None:
+                with anyio.CancelScope(shield=True):
+                    await emit(on_event, SubmittedEvent(task.id, now() - started, job))
+            return task
+        # The submit is shielded once it may be on the wire, so a deadline that ends the
         # submit stage caught it still queued for a slot: nothing was sent.
+        limit = deadline - started
         raise APITimeoutError(
-            f"the pipeline deadline ({timeout:g}s) passed while "
+            f"the pipeline deadline ({limit:g}s) passed while "
             + ("uploading images" if stage == "upload" else "waiting to submit"),
             method="POST",
             url=self._http.url(

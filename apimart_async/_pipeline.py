@@ -2,18 +2,24 @@
 
 Shape (all structured; nothing outlives the ``async with``)::
 
-    run() ── task group ── drive ── task group ── worker × up to *concurrency*
-          │                                        each: pull the next request
-          │                                        (lazily, one at a time), run
-          │                                        upload → submit → wait →
-          │                                        download, send its Outcome
-          └── yields the receive end of a memory object stream of Outcomes
+    run() ── task group ── drive ── task group ──┬── starters (≤ uploads + submits)
+          │                                      │     pull a request, upload, submit
+          │                                      ├── scheduler: one heap of waiting
+          │                                      │     jobs, ordered by next poll
+          │                                      ├── poll workers (≤ polls_in_flight)
+          │                                      │     query a due task, re-schedule
+          │                                      │     it or settle its outcome
+          │                                      └── downloads, one per finished job
+          │                                            (only with download_to)
+          └── yields the outcomes as they are settled
 
-Workers, not a task per job: a pool of at most *concurrency* tasks pulls requests from
-the shared input, so read-ahead is bounded by construction and a batch of a million
-jobs starts *concurrency* tasks, not a million (spawning a task costs more than a
-pipeline's own bookkeeping). The pool grows one worker per request pulled while the
-input lasts, so three requests never start 64 idle workers.
+A waiting job owns no task: it is a small record in the scheduler's heap. Most of a
+pipeline's life is spent waiting for the service, so 10,000 jobs in flight cost 10,000
+records, not 10,000 suspended tasks with their frames, cancel scopes and timers; a task
+is spent only where work happens (an upload, a submit, a query). *concurrency* bounds
+jobs in flight: a starter takes a slot before it pulls a request, and the slot comes
+back when the caller takes that job's outcome, so read-ahead and buffered outcomes are
+bounded too, and settling an outcome never waits for the caller.
 
 A job turns every ``Exception`` into its own ``Outcome`` (typed errors from the client,
 ``ValueError`` subclasses for bad input), so one failure never cancels a sibling and no
@@ -21,11 +27,15 @@ A job turns every ``Exception`` into its own ``Outcome`` (typed errors from the 
 is a memory object stream rather than a generator yielding from inside the task group,
 which anyio forbids. Leaving the ``async with`` early cancels the group: in-flight HTTP
 calls are abandoned (submits excepted, which the client shields for a bounded time so a
-created task is still reported), and connections go back to the pool.
+created task is still reported), waiting jobs are dropped with the heap, and
+connections go back to the pool.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
+import math
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -36,7 +46,8 @@ import anyio.abc
 
 from ._clock import now
 from ._events import emit, new_idempotency_key
-from ._exceptions import TaskError
+from ._exceptions import TaskError, TaskTimeoutError
+from ._polling import PollSchedule
 from .models import BaseImageRequest, parse_request
 from .types import DownloadedEvent, Event, FailedEvent, Outcome, Task, TaskStatus
 
@@ -44,7 +55,7 @@ if TYPE_CHECKING:
     import os
     from collections.abc import AsyncGenerator
 
-    from anyio.streams.memory import MemoryObjectSendStream
+    from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
     from ._client import AsyncApimart
 
@@ -56,6 +67,54 @@ class JobState:
     """What one job knows so far; kept so an error never loses a created task."""
 
     task: Task | None = None
+
+
+class _Job:
+    """One job between pulling its request and settling its outcome."""
+
+    __slots__ = (
+        "deadline",
+        "index",
+        "item",
+        "key",
+        "schedule",
+        "started",
+        "state",
+        "timings",
+        "waiting_since",
+    )
+
+    def __init__(self, index: int, item: Any, started: float, deadline: float) -> None:
+        self.index = index
+        self.item = item
+        self.started = started
+        self.deadline = deadline
+        self.key: str | None = None
+        self.state = JobState()
+        self.timings: dict[str, float] = {}
+        self.schedule: PollSchedule | None = None
+        self.waiting_since = started
+
+
+class _Outcomes:
+    """The caller's view of the outcome stream: taking an outcome frees its job's slot."""
+
+    __slots__ = ("_receive", "_slots")
+
+    def __init__(self, receive: MemoryObjectReceiveStream[Outcome], slots: anyio.Semaphore):
+        self._receive = receive
+        self._slots = slots
+
+    def __aiter__(self) -> _Outcomes:
+        return self
+
+    async def __anext__(self) -> Outcome:
+        try:
+            outcome = await self._receive.receive()
+        except anyio.EndOfStream:
+            raise StopAsyncIteration from None
+        self._slots.release()
+        return outcome
 
 
 class _Source:
@@ -152,7 +211,22 @@ class Pipeline:
         self._allow_unknown = allow_unknown
         self._keys = idempotency_keys
         self._known = known_tasks
-        self._workers = 0
+        limits = client.limits
+        # More starters or poll workers than the client lets run at once would only
+        # queue on its limiters; fewer than *concurrency* are needed when it is small.
+        self._max_starters = min(concurrency, limits.uploads + limits.submits)
+        self._max_pollers = min(concurrency, limits.polls_in_flight)
+        self._starters = 0  # alive
+        self._pollers = 0  # alive
+        self._idle_pollers = 0
+        self._active = 0  # jobs pulled and not yet settled
+        self._heap: list[tuple[float, int, _Job]] = []
+        self._order = itertools.count()  # heap tie-break: jobs are never compared
+        self._wake: anyio.Event | None = None  # set to wake a sleeping scheduler
+        self._group: anyio.abc.TaskGroup | None = None
+        self._send: MemoryObjectSendStream[Outcome] | None = None
+        self._to_poll: MemoryObjectSendStream[_Job] | None = None
+        self._to_poll_receive: MemoryObjectReceiveStream[_Job] | None = None
 
     @asynccontextmanager
     async def run(
@@ -160,12 +234,15 @@ class Pipeline:
     ) -> AsyncGenerator[AsyncIterator[Outcome], None]:
         """Start the jobs; yield the stream of their outcomes; cancel what is left."""
         source = _Source(requests)
-        send, receive = anyio.create_memory_object_stream[Outcome](self._concurrency)
+        # Unbounded, yet it never holds more than *concurrency* outcomes: a slot is
+        # freed only when the caller takes an outcome, so settling never waits on it.
+        send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
+        slots = anyio.Semaphore(self._concurrency, fast_acquire=True)
         try:
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._drive, source, send)
+                tg.start_soon(self._drive, source, send, slots)
                 try:
-                    yield receive
+                    yield _Outcomes(receive, slots)
                 finally:
                     tg.cancel_scope.cancel()
         finally:
@@ -173,73 +250,202 @@ class Pipeline:
         if source.error is not None:
             raise source.error
 
-    async def _drive(self, source: _Source, send: MemoryObjectSendStream[Outcome]) -> None:
+    async def _drive(
+        self, source: _Source, send: MemoryObjectSendStream[Outcome], slots: anyio.Semaphore
+    ) -> None:
+        self._send = send
+        to_poll, self._to_poll_receive = anyio.create_memory_object_stream[_Job](0)
         try:
-            async with send, anyio.create_task_group() as workers:
-                self._workers = 1
-                workers.start_soon(self._worker, source, send, workers)
+            async with send, to_poll, self._to_poll_receive, anyio.create_task_group() as group:
+                self._group = group
+                self._to_poll = to_poll
+                group.start_soon(self._schedule)
+                self._starters = 1
+                group.start_soon(self._starter, source, slots)
         finally:
             await source.aclose()
 
-    async def _worker(
-        self,
-        source: _Source,
-        send: MemoryObjectSendStream[Outcome],
-        workers: anyio.abc.TaskGroup,
-    ) -> None:
-        while (pulled := await source.next()) is not None:
-            if self._workers < self._concurrency and not source.exhausted:
-                # The input goes on: one more worker, up to the concurrency.
-                self._workers += 1
-                workers.start_soon(self._worker, source, send, workers)
-            outcome = await self._run_job(*pulled)
-            await send.send(outcome)
-            if self._fail_fast and outcome.error is not None:
-                workers.cancel_scope.cancel()
-                return
+    def _end_if_done(self) -> None:
+        # Everything pulled is settled and no starter will pull again: stop the
+        # scheduler and idle workers, which closes the outcome stream.
+        if self._starters == 0 and self._active == 0 and self._group is not None:
+            self._group.cancel_scope.cancel()
 
-    async def _run_job(self, index: int, item: Any) -> Outcome:
-        client = self._client
-        timings: dict[str, float] = {}
-        state = JobState()
-        key: str | None = None
-        started = now()
+    # -- starting: pull, upload, submit -------------------------------------------
+
+    async def _starter(self, source: _Source, slots: anyio.Semaphore) -> None:
         try:
-            key = (self._keys(index, item) if self._keys else None) or new_idempotency_key()
+            while not source.exhausted:
+                await slots.acquire()
+                pulled = await source.next()
+                if pulled is None:
+                    slots.release()
+                    return
+                if self._starters < self._max_starters and not source.exhausted:
+                    # The input goes on: one more starter, up to the limit.
+                    self._starters += 1
+                    self._spawn(self._starter, source, slots)
+                self._active += 1
+                await self._start(*pulled)
+        finally:
+            self._starters -= 1
+            self._end_if_done()
+
+    async def _start(self, index: int, item: Any) -> None:
+        client = self._client
+        started = now()
+        deadline = math.inf if self._timeout is None else started + self._timeout
+        job = _Job(index, item, started, deadline)
+        fresh = True
+        try:
+            job.key = (self._keys(index, item) if self._keys else None) or new_idempotency_key()
             known = self._known(index, item) if self._known else None
             if known:
-                state.task = Task(id=known, status=TaskStatus.SUBMITTED)
-            task = await client._run_pipeline(
-                # Not bound to a local here: the pipeline drops it once submitted.
-                item
-                if isinstance(item, BaseImageRequest)
-                else parse_request(item, allow_unknown=self._allow_unknown),
-                key=key,
-                timeout=self._timeout,
-                on_event=self._on_event,
-                job=index,
-                timings=timings,
-                known_task=state.task,
-                state=state,
-            )
-            files: tuple[Any, ...] = ()
-            if self._download_to is not None:
-                t0 = now()
-                paths = await client.download(task, self._download_to)
-                timings["download"] = now() - t0
-                files = tuple(paths)
-                await emit(
-                    self._on_event,
-                    DownloadedEvent(task.id, files, now() - started, index),
+                job.state.task = Task(id=known, status=TaskStatus.SUBMITTED)
+                fresh = False
+            else:
+                await client._start(  # pyright: ignore[reportPrivateUsage]
+                    item
+                    if isinstance(item, BaseImageRequest)
+                    else parse_request(item, allow_unknown=self._allow_unknown),
+                    key=job.key,
+                    deadline=deadline,
+                    on_event=self._on_event,
+                    state=job.state,
+                    started=started,
+                    job=index,
+                    timings=job.timings,
                 )
-            return Outcome(index, item, task, None, timings, files, key)
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
-            task_seen = exc.task if isinstance(exc, TaskError) and exc.task else state.task
-            if self._on_event is not None:
-                event = FailedEvent(
-                    exc, task_seen.id if task_seen else None, now() - started, index
+            await self._failed(job, exc)
+            return
+        task = job.state.task
+        assert task is not None
+        job.waiting_since = now()
+        job.schedule = PollSchedule(
+            client._poll_policy,  # pyright: ignore[reportPrivateUsage]
+            job.waiting_since,
+            client._random,  # pyright: ignore[reportPrivateUsage]
+        )
+        # Given a fresh task the first poll waits a moment; a known one is polled now.
+        self._wait(job, job.schedule.first_delay(task.estimated_time) if fresh else 0.0)
+
+    # -- waiting: the scheduler and the poll workers ------------------------------
+
+    def _wait(self, job: _Job, delay: float) -> None:
+        """Put *job* in the heap, due in *delay* seconds (or at its deadline)."""
+        due = min(now() + delay, job.deadline)
+        heapq.heappush(self._heap, (due, next(self._order), job))
+        if self._wake is not None and self._heap[0][2] is job:
+            self._wake.set()  # the sleeping scheduler aimed later than this
+
+    async def _schedule(self) -> None:
+        """Hand each job to a poll worker when due, drawing on the client's poll budget."""
+        heap = self._heap
+        budget = self._client._poll_budget  # pyright: ignore[reportPrivateUsage]
+        assert self._to_poll is not None
+        while True:
+            if not heap or heap[0][0] > now():
+                wake = self._wake = anyio.Event()
+                with anyio.CancelScope(deadline=heap[0][0] if heap else math.inf):
+                    await wake.wait()
+                self._wake = None
+                continue
+            job = heapq.heappop(heap)[2]
+            if job.deadline <= now():
+                await self._timed_out(job)
+                continue
+            await budget.acquire()
+            if self._idle_pollers == 0 and self._pollers < self._max_pollers:
+                self._pollers += 1
+                self._spawn(self._poll_worker)
+            await self._to_poll.send(job)
+
+    async def _poll_worker(self) -> None:
+        receive = self._to_poll_receive
+        assert receive is not None
+        while True:
+            self._idle_pollers += 1
+            try:
+                job = await receive.receive()
+            finally:
+                self._idle_pollers -= 1
+            await self._poll(job)
+
+    async def _poll(self, job: _Job) -> None:
+        client = self._client
+        state, schedule = job.state, job.schedule
+        assert state.task is not None and schedule is not None
+        task_id = state.task.id
+        delay: float | None = None
+        try:
+            with anyio.CancelScope(deadline=job.deadline) as scope:
+                delay = await client._poll_once(  # pyright: ignore[reportPrivateUsage]
+                    task_id, state, schedule, job.waiting_since, self._on_event, job.index
                 )
-                # Shielded: a cancelled batch must still hear of an uncertain submit.
-                with anyio.CancelScope(shield=True):
-                    await emit(self._on_event, event)
-            return Outcome(index, item, task_seen, exc, timings, (), key)
+            if scope.cancelled_caught:
+                await self._timed_out(job)
+                return
+            if delay is not None:
+                self._wait(job, delay)
+                return
+            task = await client._finish_wait(  # pyright: ignore[reportPrivateUsage]
+                task_id, state, job.waiting_since, self._on_event, job.index
+            )
+        except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
+            job.timings["wait"] = now() - job.waiting_since
+            await self._failed(job, exc)
+            return
+        job.timings["wait"] = now() - job.waiting_since
+        if self._download_to is None:
+            self._settle(job, Outcome(job.index, job.item, task, None, job.timings, (), job.key))
+        else:
+            self._spawn(self._download, job, task)  # the poll worker stays free
+
+    async def _timed_out(self, job: _Job) -> None:
+        task = job.state.task
+        assert task is not None
+        job.timings["wait"] = now() - job.waiting_since
+        error = TaskTimeoutError(task_id=task.id, task=task, timeout=self._timeout)
+        await self._failed(job, error)
+
+    # -- settling ------------------------------------------------------------------
+
+    async def _download(self, job: _Job, task: Task) -> None:
+        assert self._download_to is not None
+        try:
+            t0 = now()
+            paths = await self._client.download(task, self._download_to)
+            job.timings["download"] = now() - t0
+            files = tuple(paths)
+            event = DownloadedEvent(task.id, files, now() - job.started, job.index)
+            await emit(self._on_event, event)
+        except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
+            await self._failed(job, exc)
+            return
+        self._settle(job, Outcome(job.index, job.item, task, None, job.timings, files, job.key))
+
+    async def _failed(self, job: _Job, exc: Exception) -> None:
+        task_seen = exc.task if isinstance(exc, TaskError) and exc.task else job.state.task
+        if self._on_event is not None:
+            elapsed = now() - job.started
+            event = FailedEvent(exc, task_seen.id if task_seen else None, elapsed, job.index)
+            # Shielded: a cancelled batch must still hear of an uncertain submit.
+            with anyio.CancelScope(shield=True):
+                await emit(self._on_event, event)
+        self._settle(job, Outcome(job.index, job.item, task_seen, exc, job.timings, (), job.key))
+
+    def _settle(self, job: _Job, outcome: Outcome) -> None:
+        assert self._send is not None
+        self._active -= 1
+        try:
+            self._send.send_nowait(outcome)
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            pass  # the caller has left; the run is being cancelled
+        if self._fail_fast and outcome.error is not None and self._group is not None:
+            self._group.cancel_scope.cancel()
+        self._end_if_done()
+
+    def _spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        assert self._group is not None
+        self._group.start_soon(func, *args)
