@@ -211,6 +211,49 @@ async def test_poll_budget_holds_across_many_waits() -> None:
     assert polls <= 2000.0 * elapsed + 50
 
 
+async def test_waiting_jobs_hold_no_task_each() -> None:
+    """400 jobs waiting on the service are heap records, not 400 suspended tasks."""
+    fake = FakeApimart(api_key="test-key", latency=_latency_fixed(0.5))
+    limits = Limits(poll_rate=10_000.0, poll_burst=100)  # default stage limits
+    done: list[Outcome] = []
+    async with AsyncApimart(
+        api_key="test-key", transport=fake.transport(), poll=FAST_POLL, limits=limits
+    ) as client:
+        baseline = len(anyio.get_running_tasks())
+
+        async def run() -> None:
+            done.extend(await collect(client, requests(400), concurrency=400))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            with anyio.fail_after(5):
+                while fake.stats.tasks_created < 400:  # noqa: ASYNC110 - the fake has no event
+                    await anyio.sleep(0.01)
+            alive = len(anyio.get_running_tasks()) - baseline
+    assert len(done) == 400 and all(o.ok for o in done)
+    # starters (uploads + submits), poll workers, the scheduler and the run itself
+    assert alive <= limits.uploads + limits.submits + limits.polls_in_flight + 4
+
+
+async def test_many_deadline_ends_waiting_jobs_promptly() -> None:
+    """A batch deadline shorter than the tasks: every job is a TaskTimeoutError, on time."""
+    fake = FakeApimart(api_key="test-key", latency=_latency_fixed(30.0))
+    async with AsyncApimart(
+        api_key="test-key", transport=fake.transport(), poll=FAST_POLL, limits=FAST_LIMITS
+    ) as client:
+        start = anyio.current_time()
+        with anyio.fail_after(5):
+            outcomes = await collect(client, requests(50), concurrency=50, timeout=0.3)
+        elapsed = anyio.current_time() - start
+    assert len(outcomes) == 50
+    for o in outcomes:
+        assert isinstance(o.error, am.TaskTimeoutError), o.error
+        assert o.task is not None and o.error.task_id == o.task.id
+        assert "wait" in o.timings
+    assert elapsed < 2.0
+    assert fake.stats.submits == 50  # each task was created once, and is still known
+
+
 async def test_one_upload_for_a_thousand_jobs(fake: FakeApimart) -> None:
     """1,000 jobs sharing one reference image cause exactly one upload."""
     ref = png(seed=42)
