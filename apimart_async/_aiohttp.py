@@ -163,7 +163,9 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 compress=None,
             ) as response:
                 status = response.status
-                check_declared_size(response.headers, status, cap)
+                if check_declared_size(response.headers, status, cap):
+                    # A declared length within the cap: read it whole, in one await.
+                    return Exchange(status, response.headers, await response.read())
                 chunks: list[bytes] = []
                 total = 0
                 async for chunk in response.content.iter_any():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import os
 import re
-import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -33,7 +33,7 @@ async def emit(handler: EventHandler | None, event: Event) -> None:
 
 def new_idempotency_key() -> str:
     """A fresh key: one per logical submit, reused on every retry of it."""
-    return f"apimart-async-{uuid.uuid4().hex}"
+    return f"apimart-async-{os.urandom(16).hex()}"  # 128 random bits, as uuid4 has
 
 
 def checked_key(key: str | None) -> str:

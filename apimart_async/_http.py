@@ -103,14 +103,21 @@ def map_transport_error(exc: httpx.TransportError, method: str, url: str) -> API
     return cls(message, method=method, url=url, sent=sent)
 
 
-def check_declared_size(headers: Mapping[str, str], status: int, cap: int) -> None:
-    """Refuse a body whose declared length is over *cap* before reading any of it."""
+def check_declared_size(headers: Mapping[str, str], status: int, cap: int) -> bool:
+    """Refuse a body whose declared length is over *cap* before reading any of it.
+
+    True when a valid length within the cap is declared (the body may be read whole:
+    the HTTP layer stops at that length); False when none is, so the reader must count.
+    """
     declared = headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
+    if declared is None or not declared.isdigit():
+        return False
+    if int(declared) > cap:
         raise APIResponseValidationError(
             f"response body of {int(declared)} bytes exceeds the {cap}-byte cap",
             status_code=status,
         )
+    return True
 
 
 def too_large(status: int, cap: int) -> APIResponseValidationError:
@@ -186,6 +193,13 @@ def _over_httpx(send: Send) -> Exchanger:
         raise httpx.ReadTimeout(f"the request did not finish within {limit:g}s")
 
     return exchange
+
+
+class _Routed(Protocol):
+    """A transport that exposes the exchanger of the path it chose."""
+
+    @property
+    def exchanger(self) -> Exchanger: ...
 
 
 def via_transport(transport: httpx.AsyncBaseTransport) -> Exchanger:
@@ -341,6 +355,7 @@ class HttpCore:
         "_exchange",
         "_prefix",
         "_retry",
+        "_routed",
         "_timeout",
     )
 
@@ -360,6 +375,9 @@ class HttpCore:
         # Our own pool (*transport* given): straight to the transport. A borrowed client
         # keeps its full behaviour (hooks, proxies, mounts).
         self._exchange = via_transport(transport) if transport is not None else via_client(client)
+        # A transport that picks its path on first use (AutoTransport) is asked for it
+        # on every call, so calls go straight to the chosen path once there is one.
+        self._routed = cast("_Routed", transport) if hasattr(transport, "exchanger") else None
         self._base = base_url
         self._prefix = str(base_url).rstrip("/")
         self._auth = {"Authorization": f"Bearer {api_key}"}
@@ -391,7 +409,8 @@ class HttpCore:
         url = self._prefix + path
         timeout = timeout or self._timeout
         try:
-            status, response_headers, raw = await self._exchange(
+            exchange = self._routed.exchanger if self._routed is not None else self._exchange
+            status, response_headers, raw = await exchange(
                 method, url, all_headers, content, timeout, self._cap
             )
         except httpx.RequestError as exc:

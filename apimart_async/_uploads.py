@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -239,7 +238,7 @@ async def prepare_image(
 
 def multipart_parts(image: PreparedImage) -> tuple[str, bytes, bytes]:
     """(content type header, preamble, epilogue) of a one-field ``file`` form."""
-    boundary = uuid.uuid4().hex
+    boundary = os.urandom(16).hex()
     preamble = (
         f"--{boundary}\r\n"
         f'Content-Disposition: form-data; name="file"; filename="{image.filename}"\r\n'
