@@ -36,6 +36,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import math
+from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -110,7 +111,11 @@ class _Outcomes:
 
     async def __anext__(self) -> Outcome:
         try:
-            outcome = await self._receive.receive()
+            try:
+                # A waiting outcome is taken at once: no trip through the event loop.
+                outcome = self._receive.receive_nowait()
+            except anyio.WouldBlock:
+                outcome = await self._receive.receive()
         except anyio.EndOfStream:
             raise StopAsyncIteration from None
         self._slots.release()
@@ -218,15 +223,14 @@ class Pipeline:
         self._max_pollers = min(concurrency, limits.polls_in_flight)
         self._starters = 0  # alive
         self._pollers = 0  # alive
-        self._idle_pollers = 0
         self._active = 0  # jobs pulled and not yet settled
         self._heap: list[tuple[float, int, _Job]] = []
         self._order = itertools.count()  # heap tie-break: jobs are never compared
         self._wake: anyio.Event | None = None  # set to wake a sleeping scheduler
+        self._ready: deque[_Job] = deque()  # due now, for the next free poll worker
+        self._idle: deque[anyio.Event] = deque()  # one per idle poll worker
         self._group: anyio.abc.TaskGroup | None = None
         self._send: MemoryObjectSendStream[Outcome] | None = None
-        self._to_poll: MemoryObjectSendStream[_Job] | None = None
-        self._to_poll_receive: MemoryObjectReceiveStream[_Job] | None = None
 
     @asynccontextmanager
     async def run(
@@ -254,11 +258,9 @@ class Pipeline:
         self, source: _Source, send: MemoryObjectSendStream[Outcome], slots: anyio.Semaphore
     ) -> None:
         self._send = send
-        to_poll, self._to_poll_receive = anyio.create_memory_object_stream[_Job](0)
         try:
-            async with send, to_poll, self._to_poll_receive, anyio.create_task_group() as group:
+            async with send, anyio.create_task_group() as group:
                 self._group = group
-                self._to_poll = to_poll
                 group.start_soon(self._schedule)
                 self._starters = 1
                 group.start_soon(self._starter, source, slots)
@@ -327,52 +329,75 @@ class Pipeline:
             job.waiting_since,
             client._random,  # pyright: ignore[reportPrivateUsage]
         )
-        # Given a fresh task the first poll waits a moment; a known one is polled now.
-        self._wait(job, job.schedule.first_delay(task.estimated_time) if fresh else 0.0)
+        # Given a fresh task the first poll waits a moment; a known one is polled now,
+        # by this starter: a job due now is polled by the task that already has it.
+        delay = job.schedule.first_delay(task.estimated_time) if fresh else 0.0
+        if delay > 0:
+            self._wait(job, delay)
+        else:
+            await self._poll_due(job)
 
     # -- waiting: the scheduler and the poll workers ------------------------------
 
     def _wait(self, job: _Job, delay: float) -> None:
-        """Put *job* in the heap, due in *delay* seconds (or at its deadline)."""
+        """Queue *job* for a poll in *delay* seconds (or at its deadline)."""
         due = min(now() + delay, job.deadline)
         heapq.heappush(self._heap, (due, next(self._order), job))
         if self._wake is not None and self._heap[0][2] is job:
             self._wake.set()  # the sleeping scheduler aimed later than this
 
+    def _dispatch(self) -> None:
+        """Wake (or start) a poll worker for each job ready now, up to the limit."""
+        waiting = len(self._ready)
+        while waiting and self._idle:
+            self._idle.popleft().set()
+            waiting -= 1
+        while waiting and self._pollers < self._max_pollers:
+            self._pollers += 1
+            self._spawn(self._poll_worker)
+            waiting -= 1
+        # Any rest is taken by busy workers as they finish.
+
     async def _schedule(self) -> None:
-        """Hand each job to a poll worker when due, drawing on the client's poll budget."""
+        """Move jobs from the heap to the ready queue as they come due; sleep otherwise."""
         heap = self._heap
-        budget = self._client._poll_budget  # pyright: ignore[reportPrivateUsage]
-        assert self._to_poll is not None
         while True:
-            if not heap or heap[0][0] > now():
-                wake = self._wake = anyio.Event()
-                with anyio.CancelScope(deadline=heap[0][0] if heap else math.inf):
-                    await wake.wait()
-                self._wake = None
-                continue
-            job = heapq.heappop(heap)[2]
-            if job.deadline <= now():
-                await self._timed_out(job)
-                continue
-            await budget.acquire()
-            if self._idle_pollers == 0 and self._pollers < self._max_pollers:
-                self._pollers += 1
-                self._spawn(self._poll_worker)
-            await self._to_poll.send(job)
+            current = now()
+            if heap and heap[0][0] <= current:
+                while heap and heap[0][0] <= current:
+                    self._ready.append(heapq.heappop(heap)[2])
+                self._dispatch()
+            wake = self._wake = anyio.Event()
+            with anyio.CancelScope(deadline=heap[0][0] if heap else math.inf):
+                await wake.wait()
+            self._wake = None
 
     async def _poll_worker(self) -> None:
-        receive = self._to_poll_receive
-        assert receive is not None
+        ready = self._ready
         while True:
-            self._idle_pollers += 1
-            try:
-                job = await receive.receive()
-            finally:
-                self._idle_pollers -= 1
-            await self._poll(job)
+            while ready:
+                await self._poll_due(ready.popleft())
+            wake = anyio.Event()
+            self._idle.append(wake)
+            await wake.wait()
 
-    async def _poll(self, job: _Job) -> None:
+    async def _poll_due(self, job: _Job) -> None:
+        """Poll a due job until it settles or is due again later (then back to the heap)."""
+        budget = self._client._poll_budget  # pyright: ignore[reportPrivateUsage]
+        while True:
+            if job.deadline <= now():
+                await self._timed_out(job)
+                return
+            await budget.acquire()
+            delay = await self._poll(job)
+            if delay is None:
+                return
+            if delay > 0:
+                self._wait(job, delay)
+                return
+
+    async def _poll(self, job: _Job) -> float | None:
+        """One query: the delay until the next, or None once the job is settled."""
         client = self._client
         state, schedule = job.state, job.schedule
         assert state.task is not None and schedule is not None
@@ -385,22 +410,22 @@ class Pipeline:
                 )
             if scope.cancelled_caught:
                 await self._timed_out(job)
-                return
+                return None
             if delay is not None:
-                self._wait(job, delay)
-                return
+                return delay
             task = await client._finish_wait(  # pyright: ignore[reportPrivateUsage]
                 task_id, state, job.waiting_since, self._on_event, job.index
             )
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             job.timings["wait"] = now() - job.waiting_since
             await self._failed(job, exc)
-            return
+            return None
         job.timings["wait"] = now() - job.waiting_since
         if self._download_to is None:
             self._settle(job, Outcome(job.index, job.item, task, None, job.timings, (), job.key))
         else:
-            self._spawn(self._download, job, task)  # the poll worker stays free
+            self._spawn(self._download, job, task)  # the poller stays free
+        return None
 
     async def _timed_out(self, job: _Job) -> None:
         task = job.state.task
