@@ -309,21 +309,28 @@ class AsyncApimart:
             "Content-Type": content_type,
             "Content-Length": str(len(preamble) + image.size + len(epilogue)),
         }
-
-        async def attempt(content: bytes | AsyncIterable[bytes] | None = None) -> Any:
-            # A stream cannot be replayed: a file is read afresh for every attempt.
-            return await self._http.request_json(
-                "POST",
-                "/v1/uploads/images",
-                content=content or multipart_body(image, preamble, epilogue),
-                headers=headers,
-                timeout=_config.DEFAULT_UPLOAD_TIMEOUT,
-            )
-
         async with self._upload_limiter:
             if image.data is not None:
-                body = await self._idempotent(attempt, preamble + image.data + epilogue)
+                body = await self._idempotent(
+                    self._http.request_json,
+                    "POST",
+                    "/v1/uploads/images",
+                    content=preamble + image.data + epilogue,
+                    headers=headers,
+                    timeout=_config.DEFAULT_UPLOAD_TIMEOUT,
+                )
             else:
+
+                async def attempt() -> Any:
+                    # A stream cannot be replayed: the file is read afresh per attempt.
+                    return await self._http.request_json(
+                        "POST",
+                        "/v1/uploads/images",
+                        content=multipart_body(image, preamble, epilogue),
+                        headers=headers,
+                        timeout=_config.DEFAULT_UPLOAD_TIMEOUT,
+                    )
+
                 body = await self._idempotent(attempt)
         return parse_upload(body, sha256=image.sha256)
 
@@ -651,29 +658,40 @@ class AsyncApimart:
         entries = [u if isinstance(u, str) else "" for u in (req.image_urls or ())]
         # Every image is checked before any is uploaded: one bad file costs no upload.
         prepared = [(position, await prepare_image(source)) for position, source in local]
-        failures: list[Exception] = []
-
-        async def one(position: int, image_source: PreparedImage) -> None:
-            try:
-                image, cached = await self._upload_prepared(image_source)
-            except Exception as exc:  # noqa: BLE001 - raised plainly below
-                failures.append(exc)
-                return
-            entries[position] = image.url
-            if on_event is not None:
-                elapsed = now() - started
-                await emit(on_event, UploadedEvent(image, elapsed, job, cached))
-
         if len(prepared) == 1:
-            await one(*prepared[0])  # the common case needs no task group
+            # The common case: no task group, no closure.
+            position, image_source = prepared[0]
+            entries[position] = await self._upload_entry(image_source, on_event, started, job)
         else:
+            failures: list[Exception] = []
+
+            async def one(position: int, image_source: PreparedImage) -> None:
+                try:
+                    url = await self._upload_entry(image_source, on_event, started, job)
+                except Exception as exc:  # noqa: BLE001 - raised plainly below
+                    failures.append(exc)
+                    return
+                entries[position] = url
+
             async with anyio.create_task_group() as tg:
                 for position, image_source in prepared:
                     tg.start_soon(one, position, image_source)
-        if failures:
-            raise failures[0]  # the caller sees our error, never an ExceptionGroup
+            if failures:
+                raise failures[0]  # the caller sees our error, never an ExceptionGroup
         timings["upload"] = now() - t0
         return req.with_image_urls(entries)
+
+    async def _upload_entry(
+        self,
+        image_source: PreparedImage,
+        on_event: EventHandler | None,
+        started: float,
+        job: int | None,
+    ) -> str:
+        image, cached = await self._upload_prepared(image_source)
+        if on_event is not None:
+            await emit(on_event, UploadedEvent(image, now() - started, job, cached))
+        return image.url
 
     # -- download ------------------------------------------------------------------
 

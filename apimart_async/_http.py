@@ -20,6 +20,7 @@ longer than the time left is not honoured but reported (the error is raised at o
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import aclosing
@@ -470,13 +471,17 @@ class RetryingCall:
         self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kwargs: P.kwargs
     ) -> T:
         # Most calls succeed first time; setting up stamina's retry state for each
-        # costs more than the request's own parsing, so the first attempt runs bare.
+        # costs more than the request's own parsing, so the first attempt runs bare
+        # (and this frame holds no closure cells: they cost on every call).
         try:
             return await fn(*args, **kwargs)
         except Exception as exc:
             if self._hook(exc) is False:
                 raise
-            first: Exception | None = exc
+            return await self._retry(exc, functools.partial(fn, *args, **kwargs))
+
+    async def _retry(self, first_failure: Exception, call: Callable[[], Awaitable[T]]) -> T:
+        first: Exception | None = first_failure
 
         async def replay_then_attempt() -> T:
             # Stamina sees the first failure as its own attempt 1, so it backs off
@@ -485,6 +490,6 @@ class RetryingCall:
             if first is not None:
                 failed, first = first, None
                 raise failed
-            return await fn(*args, **kwargs)
+            return await call()
 
         return await self._bound(replay_then_attempt)
