@@ -439,6 +439,17 @@ class HttpCore:
             raise error_from_body(status, parsed, response_headers)
         return parsed
 
+    @property
+    def call_bound(self) -> float:
+        """The longest one API call can take, retries included (inf: unbounded).
+
+        Stamina stops retrying after ``RetryPolicy.timeout``; the attempt under way
+        then may run for one more whole-request deadline.
+        """
+        if self._retry.timeout is None:
+            return float("inf")
+        return self._retry.timeout + request_deadline(self._timeout)
+
     def caller(self, hook: BackoffHook, *, attempts: int | None = None) -> RetryingCall:
         """A retrying caller bound to *hook*, using this client's ``RetryPolicy``."""
         policy = self._retry

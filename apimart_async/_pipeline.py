@@ -221,6 +221,7 @@ class Pipeline:
         # queue on its limiters; fewer than *concurrency* are needed when it is small.
         self._max_starters = min(concurrency, limits.uploads + limits.submits)
         self._max_pollers = min(concurrency, limits.polls_in_flight)
+        self._poll_bound = client._http.call_bound  # pyright: ignore[reportPrivateUsage]
         self._starters = 0  # alive
         self._pollers = 0  # alive
         self._active = 0  # jobs pulled and not yet settled
@@ -404,13 +405,20 @@ class Pipeline:
         task_id = state.task.id
         delay: float | None = None
         try:
-            with anyio.CancelScope(deadline=job.deadline) as scope:
+            if job.deadline - now() > self._poll_bound:
+                # This query cannot outlive the deadline (bar a wait for one of the
+                # client's poll slots held by other batches): no cancel scope needed.
                 delay = await client._poll_once(  # pyright: ignore[reportPrivateUsage]
                     task_id, state, schedule, job.waiting_since, self._on_event, job.index
                 )
-            if scope.cancelled_caught:
-                await self._timed_out(job)
-                return None
+            else:
+                with anyio.CancelScope(deadline=job.deadline) as scope:
+                    delay = await client._poll_once(  # pyright: ignore[reportPrivateUsage]
+                        task_id, state, schedule, job.waiting_since, self._on_event, job.index
+                    )
+                if scope.cancelled_caught:
+                    await self._timed_out(job)
+                    return None
             if delay is not None:
                 return delay
             task = await client._finish_wait(  # pyright: ignore[reportPrivateUsage]
