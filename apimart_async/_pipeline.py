@@ -217,10 +217,10 @@ class Pipeline:
         self._keys = idempotency_keys
         self._known = known_tasks
         limits = client.limits
-        # More starters or poll workers than the client lets run at once would only
-        # queue on its limiters; fewer than *concurrency* are needed when it is small.
-        self._max_starters = min(concurrency, limits.uploads + limits.submits)
-        self._max_pollers = min(concurrency, limits.polls_in_flight)
+        # More starters or poll workers than the client lets run at once (its stage
+        # limits, its connection pool) would only queue, each holding its job's state.
+        self._max_starters = min(concurrency, limits.uploads + limits.submits, limits.connections)
+        self._max_pollers = min(concurrency, limits.polls_in_flight, limits.connections)
         self._poll_bound = client._http.call_bound  # pyright: ignore[reportPrivateUsage]
         self._starters = 0  # alive
         self._pollers = 0  # alive
