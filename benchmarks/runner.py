@@ -313,12 +313,12 @@ def overhead(sizes: Sizes, verbose: bool) -> Scenario:
     )
     for (impl, conc), runs in results.items():
         run = median_run(runs, "cpu_s")
-        want = min(conc, n)
+        want = min(conc, n, run.get("pool") or conc)
         if impl in ("apimart", "apimart-shared") and run.get("sockets_peak", want) < want / 2:
             sc.notes.append(
                 f"{LABELS[impl]} @ {conc}: at most {run['sockets_peak']} sockets open, so "
-                f"far fewer than {want} pipelines were ever in flight (generate_many did not "
-                "reach the requested concurrency)"
+                f"far fewer than {want} requests were ever in flight (generate_many did not "
+                "reach the requested concurrency or the pool)"
             )
     concs = sizes.overhead_concurrency
     for conc in concs:
