@@ -63,7 +63,7 @@ if TYPE_CHECKING:
 __all__ = ["JobState", "Pipeline"]
 
 
-@dataclass
+@dataclass(slots=True)
 class JobState:
     """What one job knows so far; kept so an error never loses a created task."""
 

@@ -258,7 +258,7 @@ async def multipart_body(
     yield epilogue
 
 
-@dataclass
+@dataclass(slots=True)
 class _Flight:
     # Created by the first caller that has to wait: most uploads have no follower.
     done: anyio.Event | None = None
