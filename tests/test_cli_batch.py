@@ -398,3 +398,36 @@ def test_a_task_the_service_does_not_know_is_retried_next_run(tmp_path: Path) ->
     again = cli("batch", str(src), "--out", str(out), fake=other)
     assert again.code == 0, again.err
     assert all(row["idempotency_key"] != old_keys[job] for job, row in journal(out).items())
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
+async def test_submit_watch_reports_submits_before_sending_them() -> None:
+    """API calls keep the fast path; a submit is reported (key, exact body) before it
+    is sent, and a report that fails stops the submit from being sent at all."""
+    from apimart_async import AsyncApimart, PollPolicy
+    from apimart_async.cli._setup import SubmitWatch
+
+    fake = FakeApimart(api_key="k", latency=Latency.zero())
+    seen: list[tuple[str, bytes, int]] = []
+
+    def on_submit(key: str, body: bytes) -> None:
+        seen.append((key, body, fake.stats.submits))  # submits the fake saw so far
+
+    watch = SubmitWatch(fake.transport(), on_submit)
+    poll = PollPolicy().scaled(0.001)
+    async with AsyncApimart(api_key="k", transport=watch, poll=poll) as client:
+        task = await client.generate(model=GEM, prompt="a fox", idempotency_key="key-1")
+    assert task.status.is_terminal
+    assert len(seen) == 1
+    key, body, submits_before = seen[0]
+    assert key == "key-1" and json.loads(body)["prompt"] == "a fox" and submits_before == 0
+
+    def refuse(key: str, body: bytes) -> None:
+        raise RuntimeError("journal is read-only")
+
+    refused = SubmitWatch(fake.transport(), refuse)
+    async with AsyncApimart(api_key="k", transport=refused, poll=poll) as client:
+        with pytest.raises(RuntimeError, match="read-only"):
+            await client.submit(model=GEM, prompt="again")
+    assert fake.stats.submits == 1  # the refused submit never reached the service

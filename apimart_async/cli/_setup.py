@@ -8,9 +8,10 @@ client reads those itself). ``--fake`` (and ``apimart demo``) use an in-process
 ``Runtime`` is what the command line does not choose: tests pass a ``FakeApimart`` of
 their own (to read its counters afterwards) and an event spy.
 
-A batch watches its own submits through ``SubmitWatch``, a transport wrapper that
-reports every submit (its ``Idempotency-Key`` and exact body) just before it goes on
-the wire, so the journal can tell "never sent" from "maybe created a task".
+A batch watches its own submits through ``SubmitWatch``, a transport wrapper (kept on
+the client's fast path for API calls) that reports every submit (its
+``Idempotency-Key`` and exact body) just before it goes on the wire, so the journal
+can tell "never sent" from "maybe created a task".
 """
 
 from __future__ import annotations
@@ -22,13 +23,16 @@ from typing import TYPE_CHECKING, Any, cast, get_args
 import httpx
 
 from apimart_async import AsyncApimart, Limits, PollPolicy, RetryPolicy
+from apimart_async._http import via_transport
+from apimart_async._transports import default_transport
 from apimart_async.testing import Endpoint, FakeApimart, Faults, FaultsSpec, Latency
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import Callable
+    from collections.abc import AsyncIterable, Callable
 
     from apimart_async import Event
+    from apimart_async._http import Exchange
 
 __all__ = [
     "DEFAULT_FAKE_SCALE",
@@ -92,7 +96,9 @@ class SubmitWatch(httpx.AsyncBaseTransport):
     """Calls ``on_submit(idempotency_key, body)`` just before each submit is sent.
 
     If *on_submit* raises, the submit is not sent (and the job fails with that error),
-    so a submit is never in flight without the journal knowing.
+    so a submit is never in flight without the journal knowing. API calls keep the
+    wrapped transport's fast path (``exchange``: our aiohttp pool on asyncio); anything
+    else (downloads) goes through ``handle_async_request``.
     """
 
     def __init__(
@@ -100,6 +106,23 @@ class SubmitWatch(httpx.AsyncBaseTransport):
     ) -> None:
         self._inner = inner
         self._on_submit = on_submit
+        self._exchange = via_transport(inner)
+
+    async def exchange(
+        self,
+        method: str,
+        url: str,
+        headers: dict[str, str],
+        content: bytes | AsyncIterable[bytes] | None,
+        timeout: httpx.Timeout,
+        cap: int,
+    ) -> Exchange:
+        """Report a submit, then make the API call through the wrapped transport."""
+        if method == "POST" and url.endswith(SUBMIT_PATH) and isinstance(content, bytes):
+            key = headers.get("Idempotency-Key")
+            if key:
+                self._on_submit(key, content)
+        return await self._exchange(method, url, headers, content, timeout, cap)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Report a submit, then send any request through the wrapped transport."""
@@ -179,10 +202,12 @@ def make_client(
         if options.timeout is None:
             del kwargs["wait_timeout"]
         if on_submit is not None:
-            # httpx ignores the client's pool limits once a transport is given.
+            # The client's own choice of pool (aiohttp on asyncio when installed),
+            # sized as it would size it: httpx ignores limits once given a transport.
             size = (limits or Limits()).connections
-            pool = httpx.Limits(max_connections=size, max_keepalive_connections=size)
-            inner = httpx.AsyncHTTPTransport(limits=pool, retries=0)
+            inner = default_transport(
+                httpx.Limits(max_connections=size, max_keepalive_connections=size)
+            )
     if kwargs["limits"] is None:
         del kwargs["limits"]
     if inner is not None:
