@@ -81,9 +81,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         self._session: aiohttp.ClientSession | None = None
         # A handful of distinct timeout settings exist per client; build each once.
         self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
-        # The API path sees the same few httpx.Timeout objects on every call (they are
-        # not hashable): remember each one's aiohttp equivalent by identity.
-        self._api_timeouts: dict[int, tuple[httpx.Timeout, aiohttp.ClientTimeout]] = {}
         # API calls beyond the pool queue here, where a waiter is one future, rather
         # than in aiohttp's connector, where each holds a fully built request: with
         # 1,000 pipelines on 100 connections that was a fifth of the client's CPU (GC).
@@ -162,7 +159,7 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 headers=headers,
                 data=content,
                 allow_redirects=False,
-                timeout=self._api_timeout(timeout),
+                timeout=self._timeout(timeout.connect, timeout.pool, None, _total(timeout)),
                 compress=None,
             ) as response:
                 status = response.status
@@ -192,15 +189,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
                 await asyncio.wait_for(self._slots.acquire(), pool_timeout)
         except asyncio.TimeoutError:
             raise httpx.PoolTimeout(f"no connection became free within {pool_timeout:g}s") from None
-
-    def _api_timeout(self, timeout: httpx.Timeout) -> aiohttp.ClientTimeout:
-        seen = self._api_timeouts.get(id(timeout))
-        if seen is not None and seen[0] is timeout:
-            return seen[1]
-        converted = self._timeout(timeout.connect, timeout.pool, None, _total(timeout))
-        if len(self._api_timeouts) < 64:  # a caller building Timeouts per call: no cache
-            self._api_timeouts[id(timeout)] = (timeout, converted)
-        return converted
 
     def _timeout(
         self,

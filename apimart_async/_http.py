@@ -196,13 +196,6 @@ def _over_httpx(send: Send) -> Exchanger:
     return exchange
 
 
-class _Routed(Protocol):
-    """A transport that exposes the exchanger of the path it chose."""
-
-    @property
-    def exchanger(self) -> Exchanger: ...
-
-
 def via_transport(transport: httpx.AsyncBaseTransport) -> Exchanger:
     """Exchanges straight through *transport*, or its own faster path if it has one.
 
@@ -356,7 +349,6 @@ class HttpCore:
         "_exchange",
         "_prefix",
         "_retry",
-        "_routed",
         "_timeout",
     )
 
@@ -376,9 +368,6 @@ class HttpCore:
         # Our own pool (*transport* given): straight to the transport. A borrowed client
         # keeps its full behaviour (hooks, proxies, mounts).
         self._exchange = via_transport(transport) if transport is not None else via_client(client)
-        # A transport that picks its path on first use (AutoTransport) is asked for it
-        # on every call, so calls go straight to the chosen path once there is one.
-        self._routed = cast("_Routed", transport) if hasattr(transport, "exchanger") else None
         self._base = base_url
         self._prefix = str(base_url).rstrip("/")
         self._auth = {"Authorization": f"Bearer {api_key}"}
@@ -410,8 +399,7 @@ class HttpCore:
         url = self._prefix + path
         timeout = timeout or self._timeout
         try:
-            exchange = self._routed.exchanger if self._routed is not None else self._exchange
-            status, response_headers, raw = await exchange(
+            status, response_headers, raw = await self._exchange(
                 method, url, all_headers, content, timeout, self._cap
             )
         except httpx.RequestError as exc:

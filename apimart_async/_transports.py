@@ -89,11 +89,6 @@ class AutoTransport(httpx.AsyncBaseTransport):
         assert self._exchange is not None
         return await self._exchange(method, url, headers, content, timeout, cap)
 
-    @property
-    def exchanger(self) -> Exchanger:
-        """The chosen transport's own exchange once chosen (no hop through this one)."""
-        return self._exchange or self.exchange
-
     async def aclose(self) -> None:
         """Close the chosen transport, if any was created."""
         if self._inner is not None:
