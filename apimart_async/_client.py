@@ -312,27 +312,25 @@ class AsyncApimart:
         async with self._upload_limiter:
             if image.data is not None:
                 body = await self._idempotent(
-                    self._http.request_json,
-                    "POST",
-                    "/v1/uploads/images",
-                    content=preamble + image.data + epilogue,
-                    headers=headers,
-                    timeout=_config.DEFAULT_UPLOAD_TIMEOUT,
+                    self._post_upload, preamble + image.data + epilogue, headers
                 )
             else:
-
-                async def attempt() -> Any:
-                    # A stream cannot be replayed: the file is read afresh per attempt.
-                    return await self._http.request_json(
-                        "POST",
-                        "/v1/uploads/images",
-                        content=multipart_body(image, preamble, epilogue),
-                        headers=headers,
-                        timeout=_config.DEFAULT_UPLOAD_TIMEOUT,
-                    )
-
-                body = await self._idempotent(attempt)
+                # A stream cannot be replayed: the file is read afresh per attempt.
+                body = await self._idempotent(
+                    lambda: self._post_upload(multipart_body(image, preamble, epilogue), headers)
+                )
         return parse_upload(body, sha256=image.sha256)
+
+    async def _post_upload(
+        self, content: bytes | AsyncIterable[bytes], headers: dict[str, str]
+    ) -> Any:
+        return await self._http.request_json(
+            "POST",
+            "/v1/uploads/images",
+            content=content,
+            headers=headers,
+            timeout=_config.DEFAULT_UPLOAD_TIMEOUT,
+        )
 
     # -- submit / query ------------------------------------------------------------
 
@@ -450,9 +448,22 @@ class AsyncApimart:
         fresh = isinstance(task, Task)
         state = JobState(task if isinstance(task, Task) else None)
         task_id = task.id if isinstance(task, Task) else _checked_id(task)
-        with anyio.move_on_after(limit):
+        deadline = math.inf if limit is None else now() + limit
+        return await self._wait_until(task_id, state, fresh, deadline, limit, on_event)
+
+    async def _wait_until(
+        self,
+        task_id: str,
+        state: JobState,
+        fresh: bool,
+        deadline: float,
+        timeout: float | None,
+        on_event: EventHandler | None,
+    ) -> Task:
+        """Poll until terminal or *deadline* (loop clock); *timeout* is for the error."""
+        with anyio.CancelScope(deadline=deadline):
             return await self._poll(task_id, state, fresh, now(), on_event, None)
-        raise TaskTimeoutError(task_id=task_id, task=state.task, timeout=limit)
+        raise TaskTimeoutError(task_id=task_id, task=state.task, timeout=timeout)
 
     async def _poll(
         self,
@@ -597,9 +608,7 @@ class AsyncApimart:
         )
         # Hold nothing the wait does not need.
         del req
-        with anyio.CancelScope(deadline=deadline):
-            return await self._poll(task.id, state, True, now(), on_event, None)
-        raise TaskTimeoutError(task_id=task.id, task=state.task, timeout=timeout)
+        return await self._wait_until(task.id, state, True, deadline, timeout, on_event)
 
     async def _start(
         self,

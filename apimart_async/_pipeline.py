@@ -33,6 +33,7 @@ connections go back to the pool.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -96,6 +97,12 @@ class _Job:
         self.schedule: PollSchedule | None = None
         self.waiting_since = started
 
+    def outcome(
+        self, task: Task | None, error: Exception | None = None, files: tuple[Any, ...] = ()
+    ) -> Outcome:
+        """This job's one ``Outcome``."""
+        return Outcome(self.index, self.item, task, error, self.timings, files, self.key)
+
 
 class _Outcomes:
     """The caller's view of the outcome stream: taking an outcome frees its job's slot."""
@@ -145,41 +152,28 @@ class _Source:
     async def next(self) -> tuple[int, Any] | None:
         """The next (index, request), or None once the input is spent or broken."""
         if not self._async:
-            return self._take_sync()
+            return await self._pull()  # a plain iterator never suspends mid-pull
         async with self._lock:
-            if self.exhausted:
-                return None
-            try:
-                item = await anext(cast("AsyncIterator[Any]", self._iter))
-            except StopAsyncIteration:
-                self.exhausted = True
-                return None
-            except Exception as exc:  # noqa: BLE001 - raised plainly after the jobs end
-                self._broken(exc)
-                return None
-            return self._numbered(item)
+            return await self._pull()
 
-    def _take_sync(self) -> tuple[int, Any] | None:
+    async def _pull(self) -> tuple[int, Any] | None:
         if self.exhausted:
             return None
         try:
-            item = next(cast("Iterator[Any]", self._iter))
-        except StopIteration:
+            if self._async:
+                item = await anext(cast("AsyncIterator[Any]", self._iter))
+            else:
+                item = next(cast("Iterator[Any]", self._iter))
+        except (StopIteration, StopAsyncIteration):
             self.exhausted = True
             return None
         except Exception as exc:  # noqa: BLE001 - raised plainly after the jobs end
-            self._broken(exc)
+            self.error = exc
+            self.exhausted = True
             return None
-        return self._numbered(item)
-
-    def _numbered(self, item: Any) -> tuple[int, Any]:
         index = self.pulled
         self.pulled += 1
         return index, item
-
-    def _broken(self, exc: Exception) -> None:
-        self.error = exc
-        self.exhausted = True
 
     async def aclose(self) -> None:
         """Close an async source (a generator's ``finally`` runs), however we stopped."""
@@ -403,22 +397,19 @@ class Pipeline:
         state, schedule = job.state, job.schedule
         assert state.task is not None and schedule is not None
         task_id = state.task.id
-        delay: float | None = None
+        # A query that cannot outlive the deadline (bar a wait for one of the client's
+        # poll slots held by other batches) needs no cancel scope.
+        scope = None
+        if job.deadline - now() <= self._poll_bound:
+            scope = anyio.CancelScope(deadline=job.deadline)
         try:
-            if job.deadline - now() > self._poll_bound:
-                # This query cannot outlive the deadline (bar a wait for one of the
-                # client's poll slots held by other batches): no cancel scope needed.
+            with scope or contextlib.nullcontext():
                 delay = await client._poll_once(  # pyright: ignore[reportPrivateUsage]
                     task_id, state, schedule, job.waiting_since, self._on_event, job.index
                 )
-            else:
-                with anyio.CancelScope(deadline=job.deadline) as scope:
-                    delay = await client._poll_once(  # pyright: ignore[reportPrivateUsage]
-                        task_id, state, schedule, job.waiting_since, self._on_event, job.index
-                    )
-                if scope.cancelled_caught:
-                    await self._timed_out(job)
-                    return None
+            if scope is not None and scope.cancelled_caught:
+                await self._timed_out(job)
+                return None
             if delay is not None:
                 return delay
             task = await client._finish_wait(  # pyright: ignore[reportPrivateUsage]
@@ -430,7 +421,7 @@ class Pipeline:
             return None
         job.timings["wait"] = now() - job.waiting_since
         if self._download_to is None:
-            self._settle(job, Outcome(job.index, job.item, task, None, job.timings, (), job.key))
+            self._settle(job, job.outcome(task))
         else:
             self._spawn(self._download, job, task)  # the poller stays free
         return None
@@ -456,7 +447,7 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             await self._failed(job, exc)
             return
-        self._settle(job, Outcome(job.index, job.item, task, None, job.timings, files, job.key))
+        self._settle(job, job.outcome(task, files=files))
 
     async def _failed(self, job: _Job, exc: Exception) -> None:
         task_seen = exc.task if isinstance(exc, TaskError) and exc.task else job.state.task
@@ -466,7 +457,7 @@ class Pipeline:
             # Shielded: a cancelled batch must still hear of an uncertain submit.
             with anyio.CancelScope(shield=True):
                 await emit(self._on_event, event)
-        self._settle(job, Outcome(job.index, job.item, task_seen, exc, job.timings, (), job.key))
+        self._settle(job, job.outcome(task_seen, exc))
 
     def _settle(self, job: _Job, outcome: Outcome) -> None:
         assert self._send is not None
