@@ -24,14 +24,13 @@ from . import _config
 from ._clock import now
 from ._config import Limits, PollPolicy, RetryPolicy
 from ._download import download_images
-from ._events import EventHandler, checked_key, emit
+from ._events import EventHandler, checked_key, emit, report_failure
 from ._exceptions import (
     ApimartError,
     APIResponseValidationError,
     APITimeoutError,
     SubmissionUncertainError,
     TaskCancelledError,
-    TaskError,
     TaskFailedError,
     TaskTimeoutError,
 )
@@ -47,7 +46,6 @@ from .types import (
     CompletedEvent,
     DownloadedEvent,
     Event,
-    FailedEvent,
     Outcome,
     ProgressEvent,
     SubmittedEvent,
@@ -581,11 +579,7 @@ class AsyncApimart:
                 req, key=key, timeout=limit, on_event=on_event, state=state
             )
         except Exception as exc:
-            task = exc.task if isinstance(exc, TaskError) and exc.task else state.task
-            if on_event is not None:
-                # Shielded: a cancelled caller must still hear of an uncertain submit.
-                with anyio.CancelScope(shield=True):
-                    await emit(on_event, _failed(exc, task, started, None))
+            await report_failure(on_event, exc, state.task, started, None)
             raise
 
     async def _run_pipeline(
@@ -808,7 +802,3 @@ def _checked_id(task_id: str) -> str:
 def _task_path(task_id: str) -> str:
     # Ids are opaque: encode everything, dots included, so "../x" stays one segment.
     return quote(_checked_id(task_id), safe="").replace(".", "%2E")
-
-
-def _failed(error: BaseException, task: Task | None, started: float, job: int | None) -> Event:
-    return FailedEvent(error, task.id if task else None, now() - started, job)

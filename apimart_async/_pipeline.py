@@ -47,11 +47,11 @@ import anyio
 import anyio.abc
 
 from ._clock import now
-from ._events import emit, new_idempotency_key
-from ._exceptions import TaskError, TaskTimeoutError
+from ._events import emit, new_idempotency_key, report_failure
+from ._exceptions import TaskTimeoutError
 from ._polling import PollSchedule
 from .models import BaseImageRequest, parse_request
-from .types import DownloadedEvent, Event, FailedEvent, Outcome, Task, TaskStatus
+from .types import DownloadedEvent, Event, Outcome, Task, TaskStatus
 
 if TYPE_CHECKING:
     import os
@@ -450,14 +450,8 @@ class Pipeline:
         self._settle(job, job.outcome(task, files=files))
 
     async def _failed(self, job: _Job, exc: Exception) -> None:
-        task_seen = exc.task if isinstance(exc, TaskError) and exc.task else job.state.task
-        if self._on_event is not None:
-            elapsed = now() - job.started
-            event = FailedEvent(exc, task_seen.id if task_seen else None, elapsed, job.index)
-            # Shielded: a cancelled batch must still hear of an uncertain submit.
-            with anyio.CancelScope(shield=True):
-                await emit(self._on_event, event)
-        self._settle(job, job.outcome(task_seen, exc))
+        task = await report_failure(self._on_event, exc, job.state.task, job.started, job.index)
+        self._settle(job, job.outcome(task, exc))
 
     def _settle(self, job: _Job, outcome: Outcome) -> None:
         assert self._send is not None

@@ -64,12 +64,15 @@ class AutoTransport(httpx.AsyncBaseTransport):
             )
         return httpx.AsyncHTTPTransport(limits=self._limits, retries=0)
 
+    def _chosen(self) -> tuple[httpx.AsyncBaseTransport, Exchanger]:
+        if self._inner is None or self._exchange is None:
+            self._inner = self._choose()
+            self._exchange = via_transport(self._inner)
+        return self._inner, self._exchange
+
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Send through the chosen transport."""
-        inner = self._inner
-        if inner is None:
-            inner = self._inner = self._choose()
-            self._exchange = via_transport(inner)
+        inner, _ = self._chosen()
         return await inner.handle_async_request(request)
 
     async def exchange(
@@ -82,12 +85,8 @@ class AutoTransport(httpx.AsyncBaseTransport):
         cap: int,
     ) -> Exchange:
         """An API call through the chosen transport's fastest path."""
-        inner = self._inner
-        if inner is None:
-            inner = self._inner = self._choose()
-            self._exchange = via_transport(inner)
-        assert self._exchange is not None
-        return await self._exchange(method, url, headers, content, timeout, cap)
+        _, exchange = self._chosen()
+        return await exchange(method, url, headers, content, timeout, cap)
 
     async def aclose(self) -> None:
         """Close the chosen transport, if any was created."""
