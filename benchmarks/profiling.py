@@ -27,16 +27,13 @@ from .fakeserver import FakeServer
 LAYERS: dict[str, str] = {
     "apimart_async (anything)": r"apimart_async/",
     "  HttpCore.request_json (one attempt, all inside)": r"HttpCore\.request_json ",
-    "    HttpCore.url (httpx.URL.copy_with)": r"HttpCore\.url ",
-    "    httpx AsyncClient.build_request": r"Client\.build_request ",
-    "    httpx AsyncClient.send (incl. transport)": r"AsyncClient\.send ",
-    "      our AiohttpTransport (incl. aiohttp)": r"AiohttpTransport\.handle_async_request",
-    "      httpx cookie extraction": r"extract_cookies",
-    "    read_capped (httpx aiter_bytes)": r"read_capped ",
-    "  stamina/tenacity retry wrapper (incl. the attempt)": r"stamina/",
-    "  anyio cancel scopes (move_on_after, fail_after, shield)": r"CancelScope",
-    "  _upload_local (its task group, incl. the upload)": r"_upload_local",
-    "  anyio CapacityLimiter": r"CapacityLimiter",
+    "    AiohttpTransport.exchange (the API fast path, incl. aiohttp)": (
+        r"AiohttpTransport\.exchange "
+    ),
+    "    over httpx (borrowed client or httpx's own pool)": r"_over_httpx|AsyncClient\.send ",
+    "  stamina retry wrapper (only after a first failure)": r"stamina/",
+    "  anyio cancel scopes (deadlines, submit shield)": r"CancelScope",
+    "  anyio semaphores (client limits, job slots)": r"Semaphore\.acquire|Semaphore\.release",
     "  models.parse_request / with_image_urls": r"apimart_async/models",
     "  parse_task / parse_submit / parse_upload": r"parse_task |parse_submit |parse_upload ",
     "  prepare_image (sniff, sha256)": r"prepare_image ",
