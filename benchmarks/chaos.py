@@ -37,12 +37,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
-import struct
 import sys
 import tempfile
 import time
-import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +62,9 @@ from apimart_async import (
 )
 from apimart_async.testing import FakeApimart, Faults, FaultsSpec, Latency
 from apimart_async.types import SubmittedEvent
+
+from . import measure
+from .images import png
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Sequence
@@ -284,25 +284,6 @@ class ChaosRun:
         return problems
 
 
-def tiny_png(index: int) -> bytes:
-    """A valid 4x4 RGB PNG whose first pixel encodes *index* (distinct content)."""
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return (
-            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-        )
-
-    row = bytes(13)
-    raw = b"\x00" + (index & 0xFFFFFF).to_bytes(3, "big") + row[4:] + row * 3
-    ihdr = struct.pack(">IIBBBBB", 4, 4, 8, 2, 0, 0, 0)
-    return (
-        b"\x89PNG\r\n\x1a\n"
-        + chunk(b"IHDR", ihdr)
-        + chunk(b"IDAT", zlib.compress(raw))
-        + chunk(b"IEND", b"")
-    )
-
-
 def _is_png(path: Path) -> bool:
     data = path.read_bytes()
     return data.startswith(b"\x89PNG\r\n\x1a\n") and data.endswith(b"IEND\xaeB`\x82")
@@ -314,7 +295,7 @@ def chaos_requests(jobs: int) -> list[dict[str, Any]]:
         {
             "model": MODEL,
             "prompt": f"chaos job {i}",
-            "image_urls": [tiny_png(i)],
+            "image_urls": [png(i, side=4)],
             "n": 1 + i % 2,
         }
         for i in range(jobs)
@@ -327,15 +308,7 @@ def _task_ids() -> set[int]:
 
 def count_sockets() -> int | None:
     """Open sockets of this process (Linux), or None where /proc is missing."""
-    fd_dir = Path("/proc/self/fd")
-    if not fd_dir.is_dir():
-        return None
-    count = 0
-    for entry in os.listdir(fd_dir):
-        with contextlib.suppress(OSError):
-            if os.readlink(fd_dir / entry).startswith("socket:"):
-                count += 1
-    return count
+    return measure.count_sockets() if Path("/proc/self/fd").is_dir() else None
 
 
 @contextlib.asynccontextmanager
