@@ -874,6 +874,11 @@ class _Run:
         counts: Counter[str] = Counter()
         problems: list[tuple[int, str, str, str]] = []
         rows = 0
+        if self.failure is not None:
+            # What the journal holds since its last commit is not durable: results.jsonl
+            # must not claim more than the journal will hold on the next run.
+            self.ui.info(f"{path} not updated: the journal could not be written")
+            return _Summary(counts, problems, rows)
         try:
             with tmp.open("w", encoding="utf-8") as fh:
                 for line, job_id, line_error, record in journal.lines():
