@@ -46,14 +46,13 @@ def _write_jobs(path: Path, count: int) -> None:
 
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     import anyio
+    import rich.progress  # noqa: F401  # the bar's modules, imported before measuring
 
     from apimart_async import AsyncApimart, Limits, PollPolicy
     from apimart_async.cli._app import run
     from apimart_async.cli._batch import cmd_batch  # noqa: F401 - imported before measuring
 
     from .measure import cpu_seconds
-
-    import rich.progress  # noqa: F401  # the bar's modules, imported before measuring
 
     jobs = Path(args.jobs_file)
     out = Path(args.out)
@@ -70,9 +69,7 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
         if code != 0:
             raise SystemExit(f"batch exited {code}:\n{sink_err.getvalue()[-2000:]}")
     else:
-        requests = [
-            json.loads(line) for line in jobs.read_text(encoding="utf-8").splitlines()
-        ]
+        requests = [json.loads(line) for line in jobs.read_text(encoding="utf-8").splitlines()]
         for request in requests:
             request.pop("id", None)
 

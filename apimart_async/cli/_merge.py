@@ -27,7 +27,7 @@ import os
 import sqlite3
 from collections import Counter
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from ._jobfile import IdRegistry, JobReader, LineError
 from ._progress import counts_table
@@ -82,8 +82,8 @@ def merge(directory: Path, ui: Ui, *, jobs: Path | None = None) -> int:
                 continue
             _load(db, folder, index)
             with contextlib.suppress(OSError, ValueError):
-                manifest: Any = json.loads((folder / SHARD_MANIFEST).read_text(encoding="utf-8"))
-                if isinstance(manifest, dict) and isinstance(manifest.get("jobs_file"), str):
+                manifest = _object(json.loads((folder / SHARD_MANIFEST).read_text("utf-8")))
+                if manifest is not None and isinstance(manifest.get("jobs_file"), str):
                     recorded.add(str(manifest["jobs_file"]))
         source = jobs or (Path(next(iter(recorded))) if len(recorded) == 1 else None)
         if source is not None and not source.is_file():
@@ -101,15 +101,16 @@ def _load(db: sqlite3.Connection, folder: Path, index: int) -> None:
     with (folder / RESULTS_NAME).open(encoding="utf-8") as fh:
         for text in fh:
             try:
-                row: Any = json.loads(text)
+                row = _object(json.loads(text))
             except ValueError:
                 continue
-            if not isinstance(row, dict):
+            if row is None:
                 continue
-            row["files"] = [f"{prefix}/{name}" for name in row.get("files") or []]
+            names: list[Any] = row.get("files") or []
+            row["files"] = [f"{prefix}/{name}" for name in names]
             row["shard"] = index
             status = str(row.get("status"))
-            line = row.get("line") if isinstance(row.get("line"), int) else 0
+            line = int(row["line"]) if isinstance(row.get("line"), int) else 0
             if row.get("id") is None:
                 db.execute("INSERT OR REPLACE INTO bad VALUES (?, ?)", (line, json.dumps(row)))
                 continue
@@ -119,6 +120,11 @@ def _load(db: sqlite3.Connection, folder: Path, index: int) -> None:
                 "status = excluded.status, json = excluded.json WHERE excluded.rank < rank",
                 (str(row["id"]), line, _RANK.get(status, _WORST), index, status, json.dumps(row)),
             )
+
+
+def _object(value: object) -> dict[str, Any] | None:
+    """*value* if it is a JSON object."""
+    return cast("dict[str, Any]", value) if isinstance(value, dict) else None
 
 
 def _missing(db: sqlite3.Connection, source: Path | None) -> list[str]:

@@ -285,7 +285,8 @@ def check_results(journal: Journal, *, rebuild: bool) -> list[str]:
         if not rebuild:
             behind.append(job_id)
             continue
-        files = [str(f) for f in row.get("files") or [] if isinstance(f, str)]
+        listed: list[object] = row.get("files") or []
+        files = [f for f in listed if isinstance(f, str)]
         if status == "done" and files and all((directory / f).is_file() for f in files):
             journal.adopt(job_id, state="done", task_id=task_id, files=files, detail="rebuilt")
         elif isinstance(task_id, str):
