@@ -26,6 +26,7 @@ import argparse
 import io
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -44,6 +45,12 @@ def _write_jobs(path: Path, count: int) -> None:
             fh.write(json.dumps({"id": f"j{i}", "model": GEM, "prompt": f"picture {i}"}) + "\n")
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _worker(args: argparse.Namespace) -> dict[str, Any]:
     import anyio
     import rich.progress  # noqa: F401  # the bar's modules, imported before measuring
@@ -51,8 +58,6 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
     from apimart_async import AsyncApimart, Limits, PollPolicy
     from apimart_async.cli._app import run
     from apimart_async.cli._batch import cmd_batch  # noqa: F401 - imported before measuring
-
-    from .measure import cpu_seconds
 
     jobs = Path(args.jobs_file)
     out = Path(args.out)
@@ -102,14 +107,17 @@ def _worker(args: argparse.Namespace) -> dict[str, Any]:
 
 def _measure(impl: str, url: str, jobs: Path, count: int, args: argparse.Namespace) -> float:
     out = Path(tempfile.mkdtemp(prefix=f"bench-{impl}-"))
+    tree = args.before if impl == "before" else str(Path(__file__).resolve().parents[1])
     try:
         cmd = [
-            sys.executable, "-m", "benchmarks.batch_cpu", "--worker", impl, "--url", url,
+            sys.executable, __file__, "--worker", "many" if impl == "many" else "batch",
+            "--url", url,
             "--jobs-file", str(jobs), "--out", str(out), "--count", str(count),
             "--concurrency", str(args.concurrency), "--time-scale", str(args.time_scale),
             "--progress", args.progress, *(["--no-download"] if args.no_download else []),
         ]  # fmt: skip
-        env = {**os.environ, "APIMART_API_KEY": "test"}
+        # The worker runs as a script, so *tree* decides which apimart_async it measures.
+        env = {**os.environ, "APIMART_API_KEY": "test", "PYTHONPATH": tree}
         done = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
         if done.returncode != 0:
             raise SystemExit(f"{impl} worker failed:\n{done.stdout}\n{done.stderr}")
@@ -133,6 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="generate_many stops at the result URLs (the batch still downloads)",
     )
+    parser.add_argument(
+        "--before",
+        metavar="TREE",
+        help="also measure `apimart batch` from another source tree (e.g. a checkout of "
+        "the previous commit), in the same interleaved reps",
+    )
     parser.add_argument("--worker", choices=("batch", "many"), help=argparse.SUPPRESS)
     parser.add_argument("--url", help=argparse.SUPPRESS)
     parser.add_argument("--jobs-file", help=argparse.SUPPRESS)
@@ -147,11 +161,12 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-batch-"))
     jobs = work / "jobs.jsonl"
     _write_jobs(jobs, args.count)
-    figures: dict[str, list[float]] = {"batch": [], "many": []}
+    impls = ["batch", "many", *(["before"] if args.before else [])]
+    figures: dict[str, list[float]] = {impl: [] for impl in impls}
     try:
         with FakeServer(latency="zero") as server:
             for _ in range(args.reps):
-                for impl in ("batch", "many"):
+                for impl in impls:
                     server.reset()
                     cpu = _measure(impl, server.url, jobs, args.count, args)
                     figures[impl].append(cpu / args.count * 1000)
@@ -167,6 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|---|---|")
     print(f"| apimart batch | {batch:.3f} | {', '.join(f'{x:.3f}' for x in figures['batch'])} |")
     print(f"| generate_many | {many:.3f} | {', '.join(f'{x:.3f}' for x in figures['many'])} |")
+    if args.before:
+        before = statistics.median(figures["before"])
+        reps = ", ".join(f"{x:.3f}" for x in figures["before"])
+        print(f"| apimart batch, before | {before:.3f} | {reps} |")
+        print(f"before: batch / generate_many = {before / many:.2f}x")
     verdict = "PASS" if ratio <= TARGET else "FAIL"
     print(f"batch / generate_many = {ratio:.2f}x (target <= {TARGET}x): {verdict}")
     return 0
