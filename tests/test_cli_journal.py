@@ -10,6 +10,7 @@ being paid twice.
 from __future__ import annotations
 
 import json
+import shutil
 import sqlite3
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -184,22 +185,31 @@ def test_a_lost_journal_in_an_empty_folder_just_starts(tmp_path: Path) -> None:
 
 
 def test_a_partly_dropped_journal_is_caught_by_its_results(tmp_path: Path) -> None:
-    """Rows lost from the journal (as when its -wal file is dropped) while results.jsonl
-    still records their tasks: refused; --rebuild-journal adopts them, nothing resent."""
-    fake, src, out = _first_run(tmp_path)
-    db = sqlite3.connect(out / "journal.sqlite3")
-    with db:
-        db.execute("DELETE FROM jobs WHERE id IN ('j1', 'j4')")
-        db.execute("DELETE FROM history WHERE job_id IN ('j1', 'j4')")
-    db.close()
+    """A journal that lost its last commits (an old copy put back, a dropped -wal) while
+    results.jsonl records the tasks of later runs: refused; --rebuild-journal adopts
+    them, and nothing is sent again (the fake ignores keys)."""
+    fake = FakeApimart(honour_idempotency=False)
+    src = write_jobs(tmp_path / "jobs.jsonl", jobs(3))
+    out = tmp_path / "out"
+    assert cli("batch", str(src), "--out", str(out), fake=fake).code == 0
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for path in out.glob("journal.sqlite3*"):
+        shutil.copy2(path, saved / path.name)
+    write_jobs(src, jobs(6))
+    assert cli("batch", str(src), "--out", str(out), fake=fake).code == 0
+    for path in out.glob("journal.sqlite3*"):
+        path.unlink()
+    for path in saved.iterdir():
+        shutil.copy2(path, out / path.name)  # the journal as it was three jobs ago
 
     refused = cli("batch", str(src), "--out", str(out), fake=fake)
-    assert refused.code == 3 and "knows less than" in refused.err and "j1" in refused.err
+    assert refused.code == 3 and "knows less than" in refused.err and "j4" in refused.err
 
     rebuilt = cli("batch", str(src), "--out", str(out), "--rebuild-journal", fake=fake)
     assert rebuilt.code == 0, rebuilt.err
-    assert fake.stats.submits == 6
-    assert journal(out)["j1"]["state"] == "done"
+    assert fake.stats.submits == 6 and fake.stats.tasks_created == 6
+    assert journal(out)["j4"]["state"] == "done"
 
 
 # -- a failed journal write stops submitting and loses no task id ---------------------

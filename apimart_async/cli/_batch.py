@@ -87,11 +87,13 @@ from ._progress import BatchProgress, counts_table, problems_table
 from ._selfcheck import (
     EXIT_JOURNAL_FAILED,
     RESULTS_NAME,
+    RESULTS_STAMP,
     JournalRefused,
     Service,
     bind,
     check_results,
     open_checked,
+    results_stamp,
     write_recovery,
 )
 from ._setup import ClientOptions, UsageError, make_client
@@ -908,9 +910,15 @@ class _Run:
                     if status != "done" and len(problems) <= MAX_PROBLEM_ROWS:
                         problems.append((line, job_id or "-", status, _short(error)))
             tmp.replace(path)
+            stamp = results_stamp(folder)
+            if stamp is not None:
+                journal.set_meta(RESULTS_STAMP, stamp)
+                journal.commit()
         except OSError as exc:
             self.ui.error(f"cannot write {path}: {exc}")
             tmp.unlink(missing_ok=True)
+        except JournalWriteError as exc:
+            self.ui.error(str(exc))
         if self.settings.shard is not None:
             self._write_manifest(counts)
         return _Summary(counts, problems, rows)

@@ -51,12 +51,14 @@ __all__ = [
     "EXIT_REFUSED",
     "RECOVERY_NAME",
     "RESULTS_NAME",
+    "RESULTS_STAMP",
     "JournalRefused",
     "Service",
     "bind",
     "check_results",
     "folder_evidence",
     "open_checked",
+    "results_stamp",
     "write_recovery",
 ]
 
@@ -65,6 +67,8 @@ EXIT_REFUSED = 3
 EXIT_JOURNAL_FAILED = 4
 """A journal write failed mid-run: submits stopped, task ids written to a recovery file."""
 RESULTS_NAME = "results.jsonl"
+RESULTS_STAMP = "results_stamp"
+"""Meta key: ``results_stamp()`` of the results.jsonl the journal last wrote."""
 RECOVERY_NAME = "recovered-task-ids.txt"
 _IMAGE = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)_(\d+)\.(png|jpg|webp|gif)$")
 _MAX_LISTED = 5
@@ -274,6 +278,12 @@ def check_results(journal: Journal, *, rebuild: bool) -> list[str]:
         notes.append(f"adopted {adopted} task id(s) from a recovery file: waiting for them by id")
     behind: list[str] = []
     rebuilt = 0
+    if not rebuild and journal.meta(RESULTS_STAMP) == results_stamp(directory):
+        # The journal committed this very results.jsonl after writing it, so it holds
+        # everything the file records: no need to read a million lines again. A journal
+        # that lost commits (a dropped -wal) lost this stamp too and is checked in full.
+        journal.commit()
+        return notes
     for row in _results(directory):
         job_id, task_id, status = row.get("id"), row.get("task_id"), row.get("status")
         if not isinstance(job_id, str) or status in (None, "pending", "invalid"):
@@ -308,6 +318,15 @@ def check_results(journal: Journal, *, rebuild: bool) -> list[str]:
         notes.append(f"rebuilt the journal from the folder: {rebuilt} job(s) adopted")
     journal.commit()
     return notes
+
+
+def results_stamp(directory: Path) -> str | None:
+    """Size and modification time of the folder's ``results.jsonl`` (None if absent)."""
+    try:
+        stat = (directory / RESULTS_NAME).stat()
+    except OSError:
+        return None
+    return f"{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def _adopt_images(journal: Journal) -> int:
