@@ -262,6 +262,11 @@ def _prepare_file(settings: BatchSettings) -> tuple[str, int]:
         raise UsageError(f"batch file {str(path)!r} not found") from None
     except OSError as exc:
         raise UsageError(f"cannot read the batch file {str(path)!r}: {exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError(
+            f"batch file {str(path)!r} is not UTF-8 text (byte {exc.start}: {exc.reason}); "
+            "save it as UTF-8"
+        ) from None
     if not content:
         raise UsageError(f"batch file {str(path)!r} has no jobs (every line is blank)")
     return settings.batch_id or digest, newlines + 1

@@ -31,6 +31,7 @@ is), and have only the journal's protection.
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 import re
@@ -67,15 +68,28 @@ def check_batch_id(text: str) -> str:
 
 def file_digest(path: Path) -> tuple[str, int, bool]:
     """The default batch id of *path* (16 hex digits of its SHA-256), its newline
-    count, and whether it holds anything but whitespace; one streamed read."""
+    count, and whether it holds anything but whitespace; one streamed read.
+
+    Raises ``UnicodeDecodeError`` (its position counted from the start of the file)
+    if the file is not UTF-8 text.
+    """
     digest = hashlib.sha256()
+    decoder = codecs.getincrementaldecoder("utf-8")()
     newlines = 0
     content = False
+    offset = 0
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
+            try:
+                decoder.decode(chunk)
+            except UnicodeDecodeError as exc:
+                start, end = offset + exc.start, offset + exc.end
+                raise UnicodeDecodeError(exc.encoding, exc.object, start, end, exc.reason) from None
+            offset += len(chunk)
             newlines += chunk.count(b"\n")
             content = content or bool(chunk.strip())
+        decoder.decode(b"", final=True)
     return digest.hexdigest()[:16], newlines, content
 
 
