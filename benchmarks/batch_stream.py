@@ -55,12 +55,15 @@ def _measure(tree: str, jobs: Path, server: FakeServer, window: float) -> dict[s
     ]  # fmt: skip
     server.reset()
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # cwd: not a source tree, so that PYTHONPATH alone decides which code runs.
+    proc = subprocess.Popen(
+        cmd, cwd=out, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     first = None
     samples: list[tuple[float, int]] = []
     try:
         while first is None and proc.poll() is None:
-            if server.stats()["submits"] > 0:
+            if server.stats()["stats"]["submits"] > 0:
                 first = time.perf_counter() - start
                 break
             time.sleep(0.01)
@@ -69,7 +72,7 @@ def _measure(tree: str, jobs: Path, server: FakeServer, window: float) -> dict[s
             samples.append((round(time.perf_counter() - start, 1), _status(proc.pid, "VmRSS")))
             time.sleep(0.25)
         peak = _status(proc.pid, "VmHWM")
-        done = server.stats()["submits"]
+        done = server.stats()["stats"]["submits"]
         stop = time.perf_counter()
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=600)

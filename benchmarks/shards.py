@@ -70,7 +70,13 @@ def _run(cmds: list[list[str]]) -> tuple[float, list[int]]:
     env = {**os.environ, "APIMART_API_KEY": "test", "PYTHONPATH": str(ROOT)}
     start = time.perf_counter()
     procs = [
-        subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        subprocess.Popen(
+            cmd,
+            cwd=tempfile.gettempdir(),
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
         for cmd in cmds
     ]
     codes = []
@@ -96,7 +102,7 @@ def _measure(
         merge_wall, merge_codes = _run([merge])
         wall += merge_wall
         codes += merge_codes
-    stats = server.stats()
+    stats = server.stats()["stats"]
     return {
         "run": label,
         "wall_s": round(wall, 2),

@@ -419,7 +419,8 @@ class _Run:
         counts = self.plan_counts
         folder = self.settings.folder
         if state == "done":
-            if all((folder / name).is_file() for name in record.files):  # type: ignore[union-attr]
+            assert record is not None
+            if all((folder / name).is_file() for name in record.files):
                 counts["skipped"] += 1
                 if self.progress is not None:
                     self.progress.counted(done=1)

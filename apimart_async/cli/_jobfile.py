@@ -195,7 +195,7 @@ class JobReader:
                     text = text[1:]
                 if not text.strip():
                     continue
-                item = _parse_line(number, text, self._registry)
+                item = _parse_line(number, text, self._registry, needed=self.check)
                 owner = item.id if item.id is not None else line_owner(text)
                 if wants is not None and not wants(owner):
                     continue
@@ -215,7 +215,11 @@ class _Parsed:
     fingerprint: str
 
 
-def _parse_line(number: int, text: str, registry: IdRegistry) -> _Parsed | LineError:
+def _parse_line(
+    number: int, text: str, registry: IdRegistry, *, needed: bool = True
+) -> _Parsed | LineError:
+    # *needed*: the line's fingerprint is wanted even though it has an id (it is,
+    # except when only ids are listed).
     try:
         value: object = json.loads(text)
     except ValueError as exc:
@@ -226,9 +230,11 @@ def _parse_line(number: int, text: str, registry: IdRegistry) -> _Parsed | LineE
         )
     data = cast("dict[str, Any]", value)
     raw_id = data.pop("id", None)
-    fingerprint = hashlib.sha256(
-        json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-    ).hexdigest()
+    fingerprint = ""
+    if needed or raw_id is None:
+        fingerprint = hashlib.sha256(
+            json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        ).hexdigest()
     if raw_id is None:
         return _Parsed(
             number, registry.derive(f"job-{fingerprint[:12]}", number), data, fingerprint
