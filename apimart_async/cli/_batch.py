@@ -374,6 +374,7 @@ class _Run:
         self.reader: JobReader | None = None
         self.batch_id = ""
         self.journal_id = ""
+        self.fresh = False
         self.total_estimate = 0
         self.active: dict[int, _Active] = {}
         self.by_key: dict[str, _Active] = {}
@@ -396,6 +397,9 @@ class _Run:
         """Attach the journal and open the batch file for streaming."""
         self.journal = journal
         self.journal_id = journal.meta("journal_id") or ""
+        # A journal without rows has nothing to look up, line after line (ids are
+        # unique within a file, so no row this run creates is looked up again).
+        self.fresh = journal.count() == 0
         self.batch_id = batch_id
         shard = self.settings.shard
         self.total_estimate = lines if shard is None else -(-lines // shard.count)
@@ -412,7 +416,7 @@ class _Run:
         """What *job* needs: an ``_Active`` to feed, a record to download again, or None."""
         journal = self.journal
         assert journal is not None
-        record = journal.get(job.id)
+        record = None if self.fresh else journal.get(job.id)
         if record is not None:
             record = self._check_changed(journal, record, job)
         state = record.state if record is not None else "pending"
@@ -762,7 +766,6 @@ class _Run:
                 continue
             if isinstance(item, LineRef):  # pragma: no cover - only after a stop
                 continue
-            journal.see_line(item.line, item.id)
             planned = self._plan(item)
             if planned is None:
                 continue
@@ -785,7 +788,7 @@ class _Run:
 
     def _invalid(self, error: LineError) -> None:
         assert self.journal is not None
-        self.journal.see_line(error.line, error.id, error.message)
+        self.journal.see_invalid(error.line, error.id, error.message)
         self.invalid += 1
         if self.progress is not None:
             self.progress.counted(failed=1)
@@ -866,11 +869,9 @@ class _Run:
         if stopped is not None:
             self.ui.info("listing the lines not reached yet in results.jsonl")
         reader.check = False
-        for item in reader:
+        for item in reader:  # valid lines are claimed as they are read: nothing to add
             if isinstance(item, LineError):
-                journal.see_line(item.line, item.id, item.message)
-            else:
-                journal.see_line(item.line, item.id)
+                journal.see_invalid(item.line, item.id, item.message)
 
     def write_results(self) -> _Summary:
         """Write ``results.jsonl`` (one record per line, atomically), streamed."""

@@ -91,31 +91,35 @@ class IdRegistry:
             """
             DROP TABLE IF EXISTS temp.claimed;
             DROP TABLE IF EXISTS temp.stems;
-            CREATE TEMP TABLE claimed (id TEXT PRIMARY KEY, line INTEGER NOT NULL)
-                WITHOUT ROWID;
+            CREATE TEMP TABLE claimed (
+                id TEXT PRIMARY KEY, line INTEGER NOT NULL, mine INTEGER NOT NULL
+            ) WITHOUT ROWID;
             CREATE TEMP TABLE stems (stem TEXT PRIMARY KEY, n INTEGER NOT NULL)
                 WITHOUT ROWID;
             """
         )
 
-    def claim(self, job_id: str, line: int) -> int | None:
-        """Claim *job_id* for *line*; the earlier line that holds it, if one does."""
+    def claim(self, job_id: str, line: int, *, mine: bool = True) -> int | None:
+        """Claim *job_id* for *line*; the earlier line that holds it, if one does.
+
+        *mine*: the line belongs to this reader's part (a shard's jobs).
+        """
         cursor = self._db.execute(
-            "INSERT INTO temp.claimed (id, line) VALUES (?, ?) ON CONFLICT DO NOTHING",
-            (job_id, line),
+            "INSERT INTO temp.claimed (id, line, mine) VALUES (?, ?, ?) ON CONFLICT DO NOTHING",
+            (job_id, line, mine),
         )
         if cursor.rowcount == 1:
             return None
         row = self._db.execute("SELECT line FROM temp.claimed WHERE id = ?", (job_id,)).fetchone()
         return int(row[0]) if row is not None else None
 
-    def derive(self, stem: str, line: int) -> str:
+    def derive(self, stem: str, line: int, wants: Callable[[str], bool] | None = None) -> str:
         """The next free id for *stem* (``stem``, ``stem-2``, ...), claimed for *line*."""
         row = self._db.execute("SELECT n FROM temp.stems WHERE stem = ?", (stem,)).fetchone()
         count = (int(row[0]) if row is not None else 0) + 1
         while True:
             job_id = stem if count == 1 else f"{stem}-{count}"
-            if self.claim(job_id, line) is None:
+            if self.claim(job_id, line, mine=wants is None or wants(job_id)) is None:
                 break
             count += 1  # someone chose this very id by hand, earlier in the file
         self._db.execute(
@@ -124,6 +128,10 @@ class IdRegistry:
             (stem, count),
         )
         return job_id
+
+    def disown(self, job_id: str) -> None:
+        """The line holding *job_id* turned out invalid: it is listed as such instead."""
+        self._db.execute("UPDATE temp.claimed SET mine = 0 WHERE id = ?", (job_id,))
 
 
 def local_image(entry: str, base: Path) -> Path | None:
@@ -195,7 +203,7 @@ class JobReader:
                     text = text[1:]
                 if not text.strip():
                     continue
-                item = _parse_line(number, text, self._registry, needed=self.check)
+                item = _parse_line(number, text, self._registry, wants, needed=self.check)
                 owner = item.id if item.id is not None else line_owner(text)
                 if wants is not None and not wants(owner):
                     continue
@@ -204,7 +212,10 @@ class JobReader:
                 elif not self.check:
                     yield LineRef(number, item.id)
                 else:
-                    yield _check(item, base, allow_unknown=self._allow_unknown)
+                    checked = _check(item, base, allow_unknown=self._allow_unknown)
+                    if isinstance(checked, LineError):
+                        self._registry.disown(item.id)
+                    yield checked
 
 
 @dataclass(slots=True)
@@ -216,7 +227,12 @@ class _Parsed:
 
 
 def _parse_line(
-    number: int, text: str, registry: IdRegistry, *, needed: bool = True
+    number: int,
+    text: str,
+    registry: IdRegistry,
+    wants: Callable[[str], bool] | None,
+    *,
+    needed: bool = True,
 ) -> _Parsed | LineError:
     # *needed*: the line's fingerprint is wanted even though it has an id (it is,
     # except when only ids are listed).
@@ -237,7 +253,7 @@ def _parse_line(
         ).hexdigest()
     if raw_id is None:
         return _Parsed(
-            number, registry.derive(f"job-{fingerprint[:12]}", number), data, fingerprint
+            number, registry.derive(f"job-{fingerprint[:12]}", number, wants), data, fingerprint
         )
     if isinstance(raw_id, int) and not isinstance(raw_id, bool):
         raw_id = str(raw_id)
@@ -248,7 +264,7 @@ def _parse_line(
             f"id: must be 1-100 letters, digits, '.', '_' or '-', starting with a letter "
             f"or digit (got {raw_id!r})",
         )
-    earlier = registry.claim(raw_id, number)
+    earlier = registry.claim(raw_id, number, mine=wants is None or wants(raw_id))
     if earlier is not None:
         return LineError(number, raw_id, f"id: {raw_id!r} is already used on line {earlier}")
     return _Parsed(number, raw_id, data, fingerprint)

@@ -52,7 +52,7 @@ from typing import IO, TYPE_CHECKING, Any, Literal
 from ._jobfile import IdRegistry
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator, Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from pathlib import Path
 
     from typing_extensions import Self
@@ -96,7 +96,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
     updated_at TEXT NOT NULL,
-    generation INTEGER NOT NULL DEFAULT 0
+    generation INTEGER NOT NULL DEFAULT 0,
+    note TEXT
 );
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -110,11 +111,27 @@ CREATE TABLE IF NOT EXISTS history (
 """
 _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN note TEXT;
 ALTER TABLE history ADD COLUMN key TEXT;
 """
+# Every change of a job's state is logged by sqlite itself: one statement per change
+# from Python instead of two (each call into sqlite costs a GIL hand-off while the
+# download threads are busy). *note* says why (an error, "retry", "recovered").
+_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS jobs_logged_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO history (job_id, at, state, task_id, detail, key) VALUES (
+        NEW.id, NEW.updated_at, NEW.state, NEW.task_id, NEW.note,
+        CASE WHEN NEW.state = 'submitting' THEN NEW.idempotency_key END);
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_logged_update AFTER UPDATE OF updated_at ON jobs BEGIN
+    INSERT INTO history (job_id, at, state, task_id, detail, key) VALUES (
+        NEW.id, NEW.updated_at, NEW.state, NEW.task_id, NEW.note,
+        CASE WHEN NEW.state = 'submitting' THEN NEW.idempotency_key END);
+END;
+"""
 _RUN_TABLES = """
-DROP TABLE IF EXISTS temp.lines;
-CREATE TEMP TABLE lines (line INTEGER PRIMARY KEY, id TEXT, error TEXT);
+DROP TABLE IF EXISTS temp.invalid;
+CREATE TEMP TABLE invalid (line INTEGER PRIMARY KEY, id TEXT, error TEXT NOT NULL);
 """
 
 
@@ -223,6 +240,7 @@ class Journal:
                     db.executescript(_SCHEMA if version is None else "")
                     if version == 1:
                         db.executescript(_MIGRATE_1_TO_2)
+                    db.executescript(_TRIGGERS)
                     if version is None:
                         _set_meta(db, "created_at", _now())
                         _set_meta(db, "journal_id", uuid.uuid4().hex)
@@ -294,18 +312,20 @@ class Journal:
         """An id registry for reading the batch file, in this connection's temp tables."""
         return IdRegistry(self._db)
 
-    def see_line(self, line: int, job_id: str | None, error: str | None = None) -> None:
-        """Note that this run's batch file has *line* for this folder (for results)."""
+    def see_invalid(self, line: int, job_id: str | None, error: str) -> None:
+        """Note an invalid line of this run's batch file (for results)."""
         self._db.execute(
-            "INSERT OR REPLACE INTO temp.lines VALUES (?, ?, ?)", (line, job_id, error)
+            "INSERT OR REPLACE INTO temp.invalid VALUES (?, ?, ?)", (line, job_id, error)
         )
 
     def lines(self) -> Iterator[tuple[int, str | None, str | None, JobRecord | None]]:
-        """This run's lines in file order: ``(line, id, line error, record or None)``."""
+        """This run's lines of this folder, in file order: ``(line, id, line error,
+        record or None)``; the valid ones are the ids the registry claimed as mine."""
         cursor = self._db.execute(
-            "SELECT l.line AS l_line, l.id AS l_id, l.error AS l_error, j.* "
-            "FROM temp.lines AS l LEFT JOIN jobs AS j ON j.id = l.id AND l.error IS NULL "
-            "ORDER BY l.line"
+            "SELECT l.line AS l_line, l.id AS l_id, l.error AS l_error, j.* FROM ("
+            "SELECT line, id, NULL AS error FROM temp.claimed WHERE mine "
+            "UNION ALL SELECT line, id, error FROM temp.invalid) AS l "
+            "LEFT JOIN jobs AS j ON j.id = l.id AND l.error IS NULL ORDER BY l.line"
         )
         for row in cursor:
             record = JobRecord._from_row(row) if row["id"] is not None else None
@@ -342,21 +362,19 @@ class Journal:
         """A submit under *key* carrying *body* is about to be sent (commit before it is)."""
         now = _now()
 
-        def write() -> None:
-            self._db.execute(
+        self._run(
+            lambda: self._db.execute(
                 "INSERT INTO jobs (id, line, fingerprint, idempotency_key, state, "
                 "request_body, attempts, generation, updated_at) "
                 "VALUES (?, ?, ?, ?, 'submitting', ?, 1, ?, ?) ON CONFLICT (id) DO UPDATE SET "
                 "line = excluded.line, fingerprint = excluded.fingerprint, "
                 "idempotency_key = excluded.idempotency_key, state = 'submitting', "
                 "request_body = excluded.request_body, attempts = attempts + 1, "
-                "generation = excluded.generation, error = NULL, "
+                "generation = excluded.generation, error = NULL, note = NULL, "
                 "updated_at = excluded.updated_at",
                 (job_id, line, fingerprint, key, body, generation, now),
             )
-            self._log(job_id, now, "submitting", None, None, key)
-
-        self._run(write)
+        )
 
     def submitted(self, job_id: str, task_id: str) -> None:
         """The service created task *task_id* for the job (commit at once)."""
@@ -441,54 +459,38 @@ class Journal:
         """Record what a rebuild or a recovery file knows about a job (a new row if none)."""
         now = _now()
 
-        def write() -> None:
-            self._db.execute(
+        self._run(
+            lambda: self._db.execute(
                 "INSERT INTO jobs (id, line, fingerprint, idempotency_key, state, task_id, "
-                "files, updated_at) VALUES (?, 0, '', ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE "
-                "SET state = excluded.state, task_id = excluded.task_id, "
-                "files = coalesce(excluded.files, files), updated_at = excluded.updated_at",
-                (job_id, key, state, task_id, json.dumps(list(files)) if files else None, now),
+                "files, note, updated_at) VALUES (?, 0, '', ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, "
+                "task_id = excluded.task_id, files = coalesce(excluded.files, files), "
+                "note = excluded.note, updated_at = excluded.updated_at",
+                (
+                    job_id,
+                    key,
+                    state,
+                    task_id,
+                    json.dumps(list(files)) if files else None,
+                    detail,
+                    now,
+                ),
             )
-            self._log(job_id, now, state, task_id, detail, key or None)
-
-        self._run(write)
+        )
 
     def _change(
         self, job_id: str, state: State | None, *, detail: str | None = None, **columns: Any
     ) -> None:
-        now = _now()
+        # One UPDATE; the trigger logs it in history.
         if state is not None:
             columns["state"] = state
-        columns["updated_at"] = now
+        columns["note"] = detail
+        columns["updated_at"] = _now()
         assignments = ", ".join(f"{name} = ?" for name in columns)
+        sql = f"UPDATE jobs SET {assignments} WHERE id = ?"
+        self._run(lambda: self._db.execute(sql, (*columns.values(), job_id)))
 
-        def write() -> None:
-            cursor = self._db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ? RETURNING state, task_id",
-                (*columns.values(), job_id),
-            )
-            row = cursor.fetchone()
-            if row is not None:
-                self._log(job_id, now, row[0], row[1], detail, None)
-
-        self._run(write)
-
-    def _log(
-        self,
-        job_id: str,
-        at: str,
-        state: str,
-        task_id: str | None,
-        detail: str | None,
-        key: str | None,
-    ) -> None:
-        self._db.execute(
-            "INSERT INTO history (job_id, at, state, task_id, detail, key) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (job_id, at, state, task_id, detail, key),
-        )
-
-    def _run(self, write: Any) -> None:
+    def _run(self, write: Callable[[], object]) -> None:
         if self.broken is not None:
             raise JournalWriteError(f"the journal cannot be written: {self.broken}")
         try:
