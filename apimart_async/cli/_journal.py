@@ -1,7 +1,8 @@
 """The resumable journal of a batch: ``DIR/journal.sqlite3`` (stdlib sqlite3).
 
 One row per job in ``jobs`` (its current state) and one row per state change in
-``history`` (append-only, so no task id is ever forgotten, even after a retry). A job
+``history`` (append-only, written by triggers on ``jobs``, so no task id is ever
+forgotten, even after a retry). A job
 gets its row when its first submit is about to be sent; a job without a row was never
 sent. A job's states::
 
