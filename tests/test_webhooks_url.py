@@ -11,7 +11,7 @@ import apimart_async as am
 from apimart_async import AsyncApimart
 from apimart_async.models import known_models, parse_request
 from apimart_async.testing import FakeApimart
-from apimart_async._webhook_url import validate_webhook_url
+from apimart_async.webhooks import validate_webhook_url
 
 GEM = "gemini-3-pro-image-preview"
 UNREACHABLE = "must be a public URL the service can reach; "
