@@ -743,3 +743,49 @@ def test_the_module_exports_exactly_its_public_names() -> None:
     assert sorted(webhooks.__all__) == sorted(set(webhooks.__all__))
     assert public <= set(webhooks.__all__), public - set(webhooks.__all__)
     assert all(hasattr(webhooks, name) for name in webhooks.__all__)
+
+
+# -- a real server ------------------------------------------------------------------------------
+
+
+def test_served_whole_by_uvicorn_over_real_http(caplog: pytest.LogCaptureFixture) -> None:
+    """``uvicorn`` with the receiver as the whole app (lifespan on): real sockets, a real
+    HTTP parser. Listeners run in the thread serving the app, as documented."""
+    import uvicorn
+
+    from apimart_async.testing._server import _Server, api_origin, bind
+
+    receiver = WebhookReceiver(public_url="https://example.com", max_body_size=1024)
+    threads: list[str] = []
+    receiver.add_listener(lambda task: threads.append(threading.current_thread().name))
+    sock = bind("127.0.0.1", 0)
+    config = uvicorn.Config(receiver, lifespan="on", log_config=None, access_log=False)
+    server = _Server(config, on_ready=None)
+    thread = threading.Thread(
+        target=server.run, kwargs={"sockets": [sock]}, name="webhook-server", daemon=True
+    )
+    thread.start()
+    try:
+        assert server.ready.wait(15) and server.started
+        base = api_origin("127.0.0.1", sock.getsockname()[1])
+        path = callback_path(receiver)
+        with httpx.Client(base_url=base) as http:
+            accepted = http.post(path, content=body("task_1"))
+            duplicate = http.post(path, content=body("task_1"))
+            too_large = http.post(path, content=body("task_2", pad="x" * 4000))
+            not_json = http.post(path, content=b"{nope")
+            wrong = http.post("/not-the-token/callback", content=body("task_3"))
+            get = http.get(path)
+    finally:
+        server.should_exit = True
+        thread.join(15)
+        sock.close()
+    assert not thread.is_alive()
+    assert [r.status_code for r in (accepted, duplicate, too_large, not_json, wrong, get)] == [
+        200, 200, 413, 400, 404, 405,
+    ]  # fmt: skip
+    assert duplicate.json() == {"status": "duplicate"}
+    assert threads == ["webhook-server"]
+    assert receiver.get("task_1") is not None and receiver.get("task_2") is None
+    # Nothing escaped the app (uvicorn would log "Exception in ASGI application").
+    assert not [r for r in caplog.records if r.name.startswith("uvicorn") and r.levelno >= 30]
