@@ -67,6 +67,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ._exceptions import InvalidRequestError, UnknownModelError
+from ._webhook_url import webhook_url_problem as _webhook_url_problem
 
 if TYPE_CHECKING:
     import sys
@@ -434,21 +435,13 @@ class BaseImageRequest(BaseModel):
     @field_validator("webhook")
     @classmethod
     def _check_webhook(cls, value: str | None) -> str | None:
+        # The service silently drops a webhook it will not call (§6.4), so refuse one
+        # it cannot reach here, with the reason (the rules live in _webhook_url).
         if value is None:
             return None
-        if not _is_http_url(value):
-            raise _rule("webhook", f"must be a public http(s) URL (got {_show(value)})")
-        # §6.4: any other port makes the service drop the webhook silently.
-        try:
-            port = urlsplit(value).port
-        except ValueError:
-            port = -1
-        if port not in (None, 80, 443):
-            raise _rule(
-                "webhook",
-                f"must use port 80 or 443; the service silently ignores others "
-                f"(got {_show(value)})",
-            )
+        problem = _webhook_url_problem(value)
+        if problem is not None:
+            raise _rule("webhook", problem)
         return value
 
     @model_validator(mode="after")
