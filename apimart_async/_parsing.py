@@ -44,7 +44,7 @@ def decode_json(content: bytes, status_code: int) -> Any:
     """Parse a JSON body, or explain with an excerpt why it is not JSON."""
     try:
         return json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nesting deep enough to crash
         raise APIResponseValidationError(
             "response body is not JSON",
             status_code=status_code,

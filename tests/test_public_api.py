@@ -12,6 +12,7 @@ PUBLIC_MODULES = [
     "apimart_async.models",
     "apimart_async.types",
     "apimart_async.testing",
+    "apimart_async.webhooks",
 ]
 
 
