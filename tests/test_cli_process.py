@@ -166,6 +166,7 @@ def test_demo_runs_from_a_built_wheel(tmp_path: Path, monkeypatch: pytest.Monkey
     """Build the wheel, unpack it away from the source tree, run ``apimart demo``: the
     bundled batch file ships in the package and the demo exits 0."""
     import hatchling.build as backend  # the PEP 517 build backend (tests group)
+
     monkeypatch.chdir(ROOT)
     dist = tmp_path / "dist"
     dist.mkdir()
