@@ -119,15 +119,19 @@ class RateLimiter:
         """Requests per second granted on average."""
         return 1.0 / self._interval
 
-    async def acquire(self) -> None:
-        """Wait for this caller's slot."""
-        current = now()
+    def reserve(self, current: float) -> float:
+        """Reserve the next slot at loop time *current*; return how long until it."""
         # Unused capacity accumulates only up to the burst size.
         slot = max(self._next, current - (self._burst - 1) * self._interval)
         self._next = slot + self._interval
-        if slot > current:
+        return max(0.0, slot - current)
+
+    async def acquire(self) -> None:
+        """Wait for this caller's slot."""
+        delay = self.reserve(now())
+        if delay > 0:
             try:
-                await anyio.sleep(slot - current)
+                await anyio.sleep(delay)
             except BaseException:  # cancelled, natively too: the slot goes back
                 self.release()
                 raise

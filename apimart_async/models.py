@@ -13,7 +13,7 @@ whether it comes as keyword arguments, a dict or a model instance::
 
     req = Gemini3ProImageRequest(
         model="gemini-3-pro-image-preview", prompt="make it snow",
-        image_urls=(Path("ref.png"),), resolution="2K",
+        image_urls=[Path("ref.png")], resolution="2K",
     )  # client.generate(req) uploads ref.png first, then submits its URL
 
     parse_request(model="gemini-2.5-flash-image-preview", prompt="x", resolution="2K")
@@ -25,9 +25,9 @@ whether it comes as keyword arguments, a dict or a model instance::
 What can go wrong: an invalid request raises ``InvalidRequestError`` (a ``ValueError``)
 with one line per problem naming the model, the field and the allowed values; an
 unknown model id raises ``UnknownModelError`` listing the known ids. Constructing a
-model class directly raises pydantic's ``ValidationError`` (also a ``ValueError``);
-``parse_request`` converts it. ``None`` for an optional field means "not set": the
-serialized body only carries what the caller set, and the service applies its defaults.
+model class directly raises the same ``InvalidRequestError``. ``None`` for an optional
+field means "not set": the serialized body only carries what the caller set, and the
+service applies its defaults.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
 from os import PathLike, fspath
@@ -71,7 +71,6 @@ from ._webhook_url import webhook_url_problem as _webhook_url_problem
 
 if TYPE_CHECKING:
     import sys
-    from collections.abc import Sequence
 
     from pydantic_core import ErrorDetails
 
@@ -394,9 +393,20 @@ class BaseImageRequest(BaseModel):
 
     model: str
     prompt: str = Field(strict=True)
-    image_urls: tuple[_ImageEntry, ...] | None = None
+    # Typed as a Sequence so a list type-checks; stored as a tuple (the model is frozen).
+    image_urls: Sequence[_ImageEntry] | None = None
     webhook: str | None = Field(default=None, strict=True)
     language: _Language | None = None
+
+    if not TYPE_CHECKING:  # type checkers keep pydantic's typed, per-field __init__
+
+        def __init__(self, /, **data: Any) -> None:
+            # Built directly (``Gemini3ProImageRequest(n=5)``), a model fails with the
+            # same InvalidRequestError as parse_request, not pydantic's raw error.
+            try:
+                super().__init__(**data)
+            except ValidationError as exc:
+                raise _convert(type(self), data.get("model"), exc) from None
 
     @field_validator("prompt")
     @classmethod
@@ -565,7 +575,7 @@ class BaseImageRequest(BaseModel):
             data.update(self.__pydantic_extra__)
         return data
 
-    def _url_list(self, entries: tuple[ImageRef, ...]) -> list[str]:
+    def _url_list(self, entries: Sequence[ImageRef]) -> list[str]:
         urls: list[str] = []
         for i, entry in enumerate(entries):
             if not isinstance(entry, str):
