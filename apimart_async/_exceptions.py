@@ -74,6 +74,7 @@ __all__ = [
     "TaskFailedError",
     "TaskTimeoutError",
     "UnknownModelError",
+    "status_error_class",
 ]
 
 _REQUEST_ID = re.compile(r"\(request id: ([^)]+)\)")

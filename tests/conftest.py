@@ -46,9 +46,7 @@ def fake() -> FakeApimart:
 
 
 @pytest.fixture
-async def client(
-    fake: FakeApimart, client_for: Callable[..., AsyncApimart]
-) -> AsyncIterator[AsyncApimart]:
+async def client(fake: FakeApimart, client_for: ClientFor) -> AsyncIterator[AsyncApimart]:
     """A client wired to the fake, polling on the scaled-down schedule."""
     async with client_for(fake) as c:
         yield c
@@ -66,8 +64,11 @@ async def until(predicate: Callable[[], object], *, timeout: float = 5.0) -> Non
 # -- building clients ---------------------------------------------------------------------
 
 
+ClientFor = Callable[..., AsyncApimart]
+
+
 @pytest.fixture
-def client_for() -> Callable[..., AsyncApimart]:
+def client_for() -> ClientFor:
     """``client_for(fake, **kw)``: a client on *fake*'s in-process transport, polling fast.
 
     Keyword arguments override the defaults (fast poll schedule, a poll budget for
