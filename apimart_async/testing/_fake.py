@@ -238,8 +238,9 @@ class FakeApimart:
 
         *endpoint* is ``"upload"``, ``"submit"``, ``"poll"`` or ``"download"`` (one step
         per request, before any probabilistic fault), ``"balance"`` (balance reads), or
-        ``"task"`` (one fate per created task). A step is a ``Fault`` or its name, an HTTP error status to
-        answer with (``503``), or ``None`` for a normal answer. Calls append.
+        ``"task"`` (one fate per created task). A step is a ``Fault`` or its name, an
+        HTTP error status to answer with (``503``), or ``None`` for a normal answer.
+        Calls append.
 
         >>> fake.script("submit", ["reset", None, "rate_limit"])  # doctest: +SKIP
         """

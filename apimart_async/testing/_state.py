@@ -148,8 +148,8 @@ class FakeStats:
     *file_requests_with_auth* counts file GETs that carried an Authorization header.
 
     Money: *balance_reads* counts requests to the balance endpoints, *payment_required*
-    the 402 answers (refused submits, and reads of an exhausted key when those are
-    refused too). *schema_reads* counts ``GET /v1/model-schema`` requests.
+    every 402 answered (submits the balance cannot pay, reads of an exhausted key when
+    those are refused too, scripted 402s). *schema_reads* counts ``GET /v1/model-schema`` requests.
 
     Webhooks: *webhook_attempts* counts attempts (including ones lost on the way and
     duplicates), *webhooks_delivered* callbacks answered 2xx (once per task),
