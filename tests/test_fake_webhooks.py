@@ -458,3 +458,21 @@ async def test_serve_sends_callbacks_over_http() -> None:
                 pass
     assert receiver.ids() == [task_id] and receiver.calls[0].path == "/apimart/callback"
     assert fake.webhook_deliveries[0].target == f"{receiver_url}/apimart/callback"
+
+
+async def test_sender_posts_over_real_http_by_default() -> None:
+    """Without a transport the sender uses real HTTP; a rewrite function routes the
+    public URL to a loopback receiver."""
+    fake = FakeApimart(webhooks=FAST)
+    receiver = Receiver(statuses=[502])
+    async with serve_in_thread(receiver, "127.0.0.1", 0) as (receiver_url, _):  # type: ignore[arg-type]
+
+        def to_loopback(url: str) -> str:
+            return url.replace("https://hooks.example.com", receiver_url)
+
+        async with api(fake) as c, fake.webhook_sender(rewrite=to_loopback) as sender:
+            task_id = await submit(c)
+            await sender.drain()
+    assert receiver.ids() == [task_id, task_id]
+    assert results(fake) == [(1, "retry", 502), (2, "delivered", 200)]
+    assert fake.webhook_deliveries[1].target == f"{receiver_url}/apimart/callback"

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 from ._app import FILES_PREFIX, App
+from ._billing import to_usd
 from ._options import Faults, Latency, Variants, Webhooks
 from ._state import MODELS, UNKNOWN_MODEL, State
 from ._transport import FakeTransport
@@ -381,8 +382,7 @@ class FakeApimart:
 
     def price_of(self, model: str) -> float:
         """What one image of *model* costs here, in USD."""
-        state = self._state
-        return state.price_micro(model, MODELS.get(model, UNKNOWN_MODEL)) / 1_000_000
+        return to_usd(self._state.price_micro(model, MODELS.get(model, UNKNOWN_MODEL)))
 
     @property
     def webhook_deliveries(self) -> list[WebhookDelivery]:

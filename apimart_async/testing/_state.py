@@ -28,7 +28,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._billing import Balance, Ledger, to_micro, to_usd
+from ._billing import MICRO, Balance, Ledger, to_micro, to_usd
 from ._options import ENDPOINTS, Endpoint, Fault, Faults, FaultsSpec, Latency, Variants, Webhooks
 from ._persist import (
     StateFile,
@@ -379,7 +379,7 @@ class State:
     def price_micro(self, model: str, rules: ModelRules) -> int:
         """What one image of *model* costs, in micro-USD (configured, else the default)."""
         price = self.prices_micro.get(model)
-        return price if price is not None else round(rules.price * 1_000_000)
+        return price if price is not None else round(rules.price * MICRO)
 
     def balance(self) -> Balance:
         """The key's balance now (due refunds applied)."""
