@@ -26,6 +26,7 @@ from ._events import checked_key, emit
 from ._http import HttpCore
 from ._pipeline import Pipeline
 from ._runtime import current_loop, loop_mismatch
+from ._telemetry import Telemetry
 from ._transport import open_transport
 from ._uploads import prepare_image
 from ._version import __version__
@@ -130,6 +131,7 @@ class AsyncApimart:
         self._poll_policy = poll or PollPolicy()
         self._wait_timeout = wait_timeout
         request_timeout = _config.resolve_timeout(timeout)
+        telemetry = Telemetry.for_client()
         net = open_transport(
             connections=self._limits.connections,
             backend=transport_backend,
@@ -148,6 +150,7 @@ class AsyncApimart:
                 "Accept": "application/json",
                 **(headers or {}),
             },
+            telemetry=telemetry,
         )
         self._res = _jobs.Resources(
             http,
@@ -348,7 +351,14 @@ class AsyncApimart:
             timeout=self._deadline(timeout),
             on_event=on_event,
         )
-        return await _jobs.wait(self._res, job)
+        _jobs.open_span(self._res, job, "apimart.wait")
+        try:
+            done = await _jobs.wait(self._res, job)
+        except BaseException as exc:
+            _jobs.close_span(self._res, job, exc)
+            raise
+        _jobs.close_span(self._res, job)
+        return done
 
     def _deadline(self, timeout: float | None | _Unset) -> float | None:
         return self._wait_timeout if isinstance(timeout, _Unset) else timeout
@@ -386,12 +396,20 @@ class AsyncApimart:
             timeout=self._deadline(timeout),
             on_event=on_event,
         )
+        res = self._res
+        _jobs.open_span(res, job, "apimart.generate")
         try:
-            await _jobs.start(self._res, job)
-            return await _jobs.wait(self._res, job)
+            await _jobs.start(res, job)
+            task = await _jobs.wait(res, job)
         except Exception as exc:
             await _jobs.fail(job, exc)
+            _jobs.close_span(res, job, exc)
             raise
+        except BaseException as exc:  # cancelled
+            _jobs.close_span(res, job, exc)
+            raise
+        _jobs.close_span(res, job)
+        return task
 
     # -- download ------------------------------------------------------------------
 

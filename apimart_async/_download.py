@@ -12,6 +12,7 @@ image fails, the files this call already placed are removed again.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Sequence
@@ -101,8 +102,25 @@ async def download_images(
     *,
     names: Sequence[str] | None,
     overwrite: bool,
+    span: object = None,
 ) -> list[Path]:
-    """Download every URL of *task* into *dest*; see the module docstring."""
+    """Download every URL of *task* into *dest*; see the module docstring.
+
+    *span* is the pipeline span this download belongs to (telemetry only).
+    """
+    if res.telemetry is None:
+        return await _download(res, task, dest, names, overwrite)
+    with res.telemetry.stage(span, "apimart.download"):
+        return await _download(res, task, dest, names, overwrite)
+
+
+async def _download(
+    res: Resources,
+    task: Task | Sequence[str],
+    dest: str | os.PathLike[str],
+    names: Sequence[str] | None,
+    overwrite: bool,
+) -> list[Path]:
     urls, stems, owner = _targets(task, names)
     expires_at = owner.expires_at if owner is not None else None
     if owner is not None and expires_at is not None and expires_at <= datetime.now(timezone.utc):
@@ -166,13 +184,20 @@ async def _fetch_to(res: Resources, url: str, tmp: anyio.Path) -> str:
     for _ in range(MAX_REDIRECTS + 1):
         # Built bare: no key, no default headers or cookies of a borrowed client.
         request = Request("GET", url, {}, None, res.download_timeout)
-        async with transport.stream(request) as streamed:
-            location = streamed.headers.get("location")
-            if streamed.status in _REDIRECTS and location:
-                url = str(httpx.URL(url).join(location))
-                _check_scheme(url)
-                continue
-            return await _stream_to(streamed, tmp, res.max_download, url)
+        with (
+            res.telemetry.http("GET", url, "result", None)
+            if res.telemetry is not None
+            else contextlib.nullcontext()
+        ) as span:
+            async with transport.stream(request) as streamed:
+                if res.telemetry is not None:
+                    res.telemetry.status(span, streamed.status, "result")
+                location = streamed.headers.get("location")
+                if streamed.status in _REDIRECTS and location:
+                    url = str(httpx.URL(url).join(location))
+                    _check_scheme(url)
+                    continue
+                return await _stream_to(streamed, tmp, res.max_download, url)
     raise APIResponseValidationError(
         f"more than {MAX_REDIRECTS} redirects for a result image", status_code=0, excerpt=url[:80]
     )

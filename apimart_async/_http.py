@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 
     import httpx
 
+    from ._telemetry import Telemetry
     from ._transport import Transport
 
 __all__ = ["HttpCore"]
@@ -40,7 +41,15 @@ class HttpCore:
     API origin and is never part of a repr or a message.
     """
 
-    __slots__ = ("_auth", "_cap", "_default_headers", "_prefix", "timeout", "transport")
+    __slots__ = (
+        "_auth",
+        "_cap",
+        "_default_headers",
+        "_prefix",
+        "telemetry",
+        "timeout",
+        "transport",
+    )
 
     def __init__(
         self,
@@ -51,8 +60,10 @@ class HttpCore:
         timeout: httpx.Timeout,
         max_response_bytes: int,
         headers: Mapping[str, str],
+        telemetry: Telemetry | None = None,
     ) -> None:
         self.transport = transport
+        self.telemetry = telemetry
         self._prefix = str(base_url).rstrip("/")
         self._auth = {"Authorization": f"Bearer {api_key}"}
         self.timeout = timeout
@@ -84,9 +95,18 @@ class HttpCore:
             content,
             timeout or self.timeout,
         )
+        telemetry = self.telemetry
+        if telemetry is None:
+            return await self._exchange(request, path, None)
+        with telemetry.http(method, request.url, path, request.headers) as span:
+            return await self._exchange(request, path, span)
+
+    async def _exchange(self, request: Request, path: str, span: Any) -> Any:
         status, response_headers, raw = await self.transport.exchange(request, self._cap)
+        if self.telemetry is not None:
+            self.telemetry.status(span, status, path)
         if logger.isEnabledFor(logging.DEBUG):
-            logger.debug("%s %s -> %d (%d bytes)", method, path, status, len(raw))
+            logger.debug("%s %s -> %d (%d bytes)", request.method, path, status, len(raw))
         if status >= 400:
             body: object = None
             try:

@@ -21,6 +21,7 @@ The stages are plain functions over the two:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -63,6 +64,8 @@ from .types import (
 )
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     import httpx
 
     from ._config import Limits, PollPolicy, RetryPolicy
@@ -76,7 +79,9 @@ __all__ = [
     "Job",
     "Resources",
     "checked_task_id",
+    "close_span",
     "fail",
+    "open_span",
     "poll_once",
     "query",
     "settle",
@@ -115,6 +120,7 @@ class Resources:
         "retry_upload",
         "rng",
         "submit_slots",
+        "telemetry",
         "upload_slots",
         "uploads",
     )
@@ -132,11 +138,12 @@ class Resources:
         max_download: int,
     ) -> None:
         self.http = http
-        self.retry_query = Retrier(retry, is_transient, "task query")
-        self.retry_upload = Retrier(retry, is_transient, "image upload")
-        self.retry_download = Retrier(retry, is_transient, "result download")
+        telemetry = self.telemetry = http.telemetry
+        self.retry_query = Retrier(retry, is_transient, "task query", telemetry)
+        self.retry_upload = Retrier(retry, is_transient, "image upload", telemetry)
+        self.retry_download = Retrier(retry, is_transient, "result download", telemetry)
         paid = submit_retryable(retry_uncertain=retry_uncertain_submits)
-        self.retry_submit = Retrier(retry, paid, "submit")
+        self.retry_submit = Retrier(retry, paid, "submit", telemetry)
         # Semaphores with fast_acquire rather than CapacityLimiters: a free slot is
         # taken without a trip through the event loop. Every holder awaits I/O.
         self.upload_slots = anyio.Semaphore(limits.uploads, fast_acquire=True)
@@ -170,10 +177,13 @@ class Job:
         "index",
         "item",
         "key",
+        "model",
         "on_event",
+        "polls",
         "requeries",
         "request",
         "schedule",
+        "span",
         "started",
         "task",
         "timeout",
@@ -207,6 +217,9 @@ class Job:
         self.schedule: PollSchedule | None = None
         self.timings: dict[str, float] = {}
         self.requeries = 0
+        self.polls = 0
+        self.model = request.model if request is not None else None
+        self.span: object = None  # the pipeline span while telemetry has one open
 
     def begin_waiting(self, res: Resources) -> float:
         """Start the poll schedule; return the delay before the first query."""
@@ -224,6 +237,41 @@ class Job:
         assert task is not None
         self.timings["wait"] = now() - self.waiting_since
         return TaskTimeoutError(task_id=task.id, task=task, timeout=self.timeout)
+
+
+# -- telemetry ---------------------------------------------------------------------------
+
+_NO_STAGE = contextlib.nullcontext()
+
+
+def open_span(res: Resources, job: Job, name: str) -> None:
+    """Open the job's pipeline span (with telemetry on); ``close_span`` ends it."""
+    telemetry = res.telemetry
+    if telemetry is not None:
+        job.span = telemetry.start_job(name, job.model, index=job.index)
+
+
+def close_span(res: Resources, job: Job, error: BaseException | str | None = None) -> None:
+    """End the job's pipeline span and record its metrics, once."""
+    telemetry = res.telemetry
+    if telemetry is None or job.span is None:
+        return
+    span, job.span = job.span, None
+    telemetry.end_job(
+        span,
+        model=job.model,
+        task=job.task,
+        polls=job.polls,
+        seconds=now() - job.started,
+        error=error,
+    )
+
+
+def _stage(res: Resources, job: Job, name: str) -> contextlib.AbstractContextManager[Any]:
+    telemetry = res.telemetry
+    if telemetry is None:
+        return _NO_STAGE
+    return telemetry.stage(job.span, name)
 
 
 # -- uploading ---------------------------------------------------------------------------
@@ -312,7 +360,7 @@ async def start(res: Resources, job: Job) -> Task:
     request = job.request
     assert request is not None
     if request.local_images():
-        with anyio.CancelScope(deadline=job.deadline) as scope:
+        with anyio.CancelScope(deadline=job.deadline) as scope, _stage(res, job, "apimart.upload"):
             await _upload_references(res, job)
         if scope.cancelled_caught:
             raise _deadline_passed(res, job, "uploading images", UPLOAD_PATH, sent=True)
@@ -346,7 +394,11 @@ async def submit(res: Resources, job: Job) -> Task:
         release=res.submit_slots.release,  # the flight owns the slot from here
     )
     t0 = now()
-    task = job.task = await res.keeper.run(flight, functools.partial(_send_submit, res, content))
+    send: Callable[[Flight], Awaitable[Task]] = functools.partial(_send_submit, res, content)
+    with _stage(res, job, "apimart.submit"):
+        if res.telemetry is not None:
+            send = res.telemetry.bind(send)
+        task = job.task = await res.keeper.run(flight, send)
     job.timings["submit"] = now() - t0
     if job.on_event is not None:
         with anyio.CancelScope(shield=True):
@@ -376,12 +428,14 @@ async def _send_submit(res: Resources, content: bytes, flight: Flight) -> Task:
     except ApimartError as exc:
         if not is_ambiguous(exc):
             raise
-        raise _uncertain(flight, str(exc)) from exc
+        raise _uncertain(res, flight, str(exc)) from exc
     try:
         task_id, status, raw = parse_submit(data)
     except APIResponseValidationError as exc:
         # The service answered 2xx: it acted, but we cannot tell on which task.
-        raise _uncertain(flight, str(exc)) from exc
+        raise _uncertain(res, flight, str(exc)) from exc
+    if res.telemetry is not None:
+        res.telemetry.submitted(certain=True)
     if raw.get("object") == "generation.result":
         # A synchronous result (§3.3 D): the task is already finished.
         return parse_task({"data": {**raw, "id": task_id}})
@@ -402,7 +456,9 @@ async def _submit_attempt(res: Resources, content: bytes, flight: Flight) -> Any
     return await res.http.request_json("POST", SUBMIT_PATH, content, headers)
 
 
-def _uncertain(flight: Flight, reason: str) -> SubmissionUncertainError:
+def _uncertain(res: Resources, flight: Flight, reason: str) -> SubmissionUncertainError:
+    if res.telemetry is not None:
+        res.telemetry.submitted(certain=False)
     logger.warning(
         "submit outcome unknown (%s): a task may exist; resubmit only with idempotency key %s",
         reason,
@@ -458,8 +514,10 @@ async def poll_once(res: Resources, job: Job) -> float | None:
     schedule = job.schedule
     last = job.task
     assert schedule is not None and last is not None
+    job.polls += 1
     try:
-        current = await query(res, task_path(last.id))
+        with _stage(res, job, "apimart.poll"):
+            current = await query(res, task_path(last.id))
     except ApimartError as exc:
         if not is_transient(exc):
             raise
@@ -482,7 +540,7 @@ async def poll_once(res: Resources, job: Job) -> float | None:
     return None
 
 
-async def settle(res: Resources, job: Job) -> Task:
+async def settle(job: Job) -> Task:
     """A terminal task becomes the result (completed) or its ``TaskError``."""
     task = job.task
     assert task is not None
@@ -521,7 +579,7 @@ async def wait(res: Resources, job: Job) -> Task:
             if delay > 0:
                 await anyio.sleep(delay)
             delay = await poll_once(res, job)
-        return await settle(res, job)
+        return await settle(job)
     raise job.timed_out()
 
 

@@ -194,6 +194,8 @@ class Pipeline:
         self._idle: deque[anyio.Event] = deque()  # one per idle poll worker
         self._group: anyio.abc.TaskGroup | None = None
         self._send: MemoryObjectSendStream[Outcome] | None = None
+        # Jobs with an open pipeline span (telemetry only), ended here if cancelled.
+        self._live: set[Job] | None = set() if res.telemetry is not None else None
 
     @asynccontextmanager
     async def run(
@@ -214,6 +216,10 @@ class Pipeline:
                     tg.cancel_scope.cancel()
         finally:
             receive.close()
+            if self._live:  # cancelled with jobs under way
+                for job in self._live:
+                    _jobs.close_span(self._res, job, "cancelled")
+                self._live.clear()
         if source.error is not None:
             raise source.error
 
@@ -265,11 +271,16 @@ class Pipeline:
                 job.task = Task(id=known, status=TaskStatus.SUBMITTED)
                 job.fresh = False
             else:
-                job.request = (
+                request = job.request = (
                     item
                     if isinstance(item, BaseImageRequest)
                     else parse_request(item, allow_unknown=self._allow_unknown)
                 )
+                job.model = request.model
+            if self._live is not None:
+                _jobs.open_span(self._res, job, "apimart.job")
+                self._live.add(job)
+            if not known:
                 await _jobs.start(self._res, job)
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             await self._failed(job, exc)
@@ -355,7 +366,7 @@ class Pipeline:
                 return None
             if delay is not None:
                 return delay
-            task = await _jobs.settle(res, job)
+            task = await _jobs.settle(job)
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             job.timings["wait"] = now() - job.waiting_since
             await self._failed(job, exc)
@@ -373,7 +384,7 @@ class Pipeline:
         try:
             t0 = now()
             paths = await download_images(
-                self._res, task, self._download_to, names=None, overwrite=True
+                self._res, task, self._download_to, names=None, overwrite=True, span=job.span
             )
             job.timings["download"] = now() - t0
             files = tuple(paths)
@@ -391,6 +402,9 @@ class Pipeline:
     def _settle(self, job: Job, outcome: Outcome) -> None:
         assert self._send is not None
         self._active -= 1
+        if self._live is not None:
+            self._live.discard(job)
+            _jobs.close_span(self._res, job, outcome.error)
         try:
             self._send.send_nowait(outcome)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):

@@ -21,6 +21,7 @@ filtered out for our calls only.
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import random
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
@@ -40,9 +41,11 @@ if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
     from ._config import RetryPolicy
+    from ._telemetry import Telemetry
 
 __all__ = [
     "Retrier",
+    "current_attempt",
     "is_ambiguous",
     "is_provably_not_acted",
     "is_transient",
@@ -53,6 +56,14 @@ logger = logging.getLogger("apimart_async.retry")
 
 T = TypeVar("T")
 P = ParamSpec("P")
+
+# How many attempts of the call under way came before this one (0 on the first).
+_RESENDS: contextvars.ContextVar[int] = contextvars.ContextVar("apimart_resends", default=0)
+
+
+def current_attempt() -> int:
+    """How many earlier attempts the request being sent now repeats (0: the first)."""
+    return _RESENDS.get()
 
 
 def is_transient(exc: Exception) -> bool:
@@ -118,15 +129,20 @@ class Retrier:
     *what* names the call in log records ("task query", "submit", ...).
     """
 
-    __slots__ = ("_policy", "_random", "_retryable", "what")
+    __slots__ = ("_policy", "_random", "_retryable", "telemetry", "what")
 
     def __init__(
-        self, policy: RetryPolicy, retryable: Callable[[Exception], bool], what: str
+        self,
+        policy: RetryPolicy,
+        retryable: Callable[[Exception], bool],
+        what: str,
+        telemetry: Telemetry | None = None,
     ) -> None:
         self._policy = policy
         self._retryable = retryable
         self._random = random.Random()
         self.what = what
+        self.telemetry = telemetry
         _quiet_stamina_for_us()
 
     async def __call__(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kw: P.kwargs) -> T:
@@ -139,17 +155,23 @@ class Retrier:
             first_wait = attempts.wait_after(exc)
             if first_wait is None:
                 raise
-        # stamina's test mode skips its own waits; ours follows it.
-        await anyio.sleep(0 if stamina.is_testing() else first_wait)
-        policy = self._policy
-        caller = stamina.AsyncRetryingCaller(
-            attempts=policy.attempts - 1,
-            timeout=policy.timeout,
-            wait_initial=policy.wait_initial,
-            wait_max=policy.wait_max,
-            wait_jitter=policy.wait_jitter,
-        )
-        return await caller(attempts.hook, fn, *args, **kw)
+        try:
+            # stamina's test mode skips its own waits; ours follows it.
+            await anyio.sleep(0 if stamina.is_testing() else first_wait)
+            policy = self._policy
+            # Decorated per failing call (rare): stamina then knows it by our function's
+            # name, which is how its log filter below tells our retries from others'.
+            retrying = stamina.retry(
+                on=attempts.hook,
+                attempts=policy.attempts - 1,
+                timeout=policy.timeout,
+                wait_initial=policy.wait_initial,
+                wait_max=policy.wait_max,
+                wait_jitter=policy.wait_jitter,
+            )(fn)
+            return await retrying(*args, **kw)
+        finally:
+            _RESENDS.set(0)
 
     def backoff(self, failures: int, exc: Exception) -> float:
         """The wait after the *failures*-th failure: ``Retry-After``, or exponential."""
@@ -184,7 +206,11 @@ class _Attempts:
         # Sleeping past the caller's deadline would only turn a clear error into a timeout.
         if wait >= anyio.current_effective_deadline() - anyio.current_time():
             return None
-        _log_retry(self._retrier, self._failures + 1, wait, exc)
+        retrier = self._retrier
+        _log_retry(retrier, self._failures + 1, wait, exc)
+        if retrier.telemetry is not None:
+            retrier.telemetry.retry(retrier.what, self._failures + 1, wait, exc)
+        _RESENDS.set(self._failures)
         return wait
 
     def hook(self, exc: Exception) -> bool | float:

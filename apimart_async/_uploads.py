@@ -103,7 +103,6 @@ class PreparedImage:
     path: Path | None = None
 
 
-
 def _label(source: object, filename: str | None) -> str:
     if filename:
         return repr(filename)

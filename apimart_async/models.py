@@ -373,7 +373,28 @@ def _facts(cls: type[BaseModel]) -> _Facts:
 # -- the models ---------------------------------------------------------------------------
 
 
-class BaseImageRequest(BaseModel):
+if TYPE_CHECKING:
+    from pydantic._internal._model_construction import ModelMetaclass as _PydanticMeta
+else:
+    _PydanticMeta = type(BaseModel)  # the same class, reached without a private import
+
+
+class _RequestMeta(_PydanticMeta):
+    """Built directly (``Gemini3ProImageRequest(n=5)``), a model fails with the same
+    ``InvalidRequestError`` as ``parse_request``, not pydantic's raw error.
+
+    On the metaclass, so that only direct construction passes here (``model_validate``
+    does not), and type checkers keep pydantic's typed, per-field constructor.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as exc:
+            raise _convert(cast("type[BaseModel]", cls), kwargs.get("model"), exc) from None
+
+
+class BaseImageRequest(BaseModel, metaclass=_RequestMeta):
     """Fields and checks every image model shares; use a subclass or ``parse_request``.
 
     Instances are frozen and validated on creation. ``image_urls`` accepts a list or
@@ -397,16 +418,6 @@ class BaseImageRequest(BaseModel):
     image_urls: Sequence[_ImageEntry] | None = None
     webhook: str | None = Field(default=None, strict=True)
     language: _Language | None = None
-
-    if not TYPE_CHECKING:  # type checkers keep pydantic's typed, per-field __init__
-
-        def __init__(self, /, **data: Any) -> None:
-            # Built directly (``Gemini3ProImageRequest(n=5)``), a model fails with the
-            # same InvalidRequestError as parse_request, not pydantic's raw error.
-            try:
-                super().__init__(**data)
-            except ValidationError as exc:
-                raise _convert(type(self), data.get("model"), exc) from None
 
     @field_validator("prompt")
     @classmethod

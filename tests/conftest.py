@@ -61,6 +61,39 @@ async def until(predicate: Callable[[], object], *, timeout: float = 5.0) -> Non
             await anyio.sleep(0.002)
 
 
+# -- OpenTelemetry, suite-wide -----------------------------------------------------------
+#
+# The SDK (tests group only) is installed as the global provider once per session, so
+# every client in every test traces and counts: the key-containment check below reads
+# every span, and tests/test_telemetry.py reads the trees. Clients decide when they are
+# created, so this must happen before any test builds one.
+
+SPANS: Any = None  # the in-memory span exporter, or None without the SDK
+METRICS: Any = None  # the in-memory metric reader
+
+
+def _install_telemetry() -> None:
+    global SPANS, METRICS
+    try:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    except ImportError:
+        return
+    SPANS = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(SPANS))
+    trace.set_tracer_provider(provider)
+    METRICS = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS]))
+
+
+_install_telemetry()
+
+
 # -- building clients ---------------------------------------------------------------------
 
 
@@ -143,10 +176,17 @@ def _key_containment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     handler, level = Watch(logging.DEBUG), root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
+    if SPANS is not None:
+        SPANS.clear()
     try:
         yield
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+    for span in SPANS.get_finished_spans() if SPANS is not None else ():
+        text = repr(dict(span.attributes or {})) + repr(
+            [(e.name, dict(e.attributes or {})) for e in span.events]
+        )
+        problems.extend(f"key in span {span.name}" for k in keys if k in text)
     if problems:
         pytest.fail("API key leaked:\n" + "\n".join(sorted(set(problems))), pytrace=False)
