@@ -22,6 +22,8 @@ from ._exceptions import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    BalanceUnavailableError,
+    BudgetExceededError,
     ConflictError,
     InsufficientBalanceError,
     InvalidImageError,
@@ -41,8 +43,9 @@ from ._exceptions import (
     TaskTimeoutError,
     UnknownModelError,
 )
+from ._pipeline import OutcomeStream
 from ._version import __version__
-from .types import Event, Outcome, Task, TaskStatus, UploadedImage
+from .types import AccountBalance, Event, Outcome, Task, TaskStatus, UploadedImage
 
 __all__ = [
     "DEFAULT_WAIT_TIMEOUT",
@@ -51,10 +54,13 @@ __all__ = [
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "AccountBalance",
     "ApimartError",
     "AsyncApimart",
     "AuthenticationError",
     "BadRequestError",
+    "BalanceUnavailableError",
+    "BudgetExceededError",
     "ConflictError",
     "Event",
     "InsufficientBalanceError",
@@ -64,6 +70,7 @@ __all__ = [
     "MissingAPIKeyError",
     "NotFoundError",
     "Outcome",
+    "OutcomeStream",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PollPolicy",
