@@ -13,7 +13,7 @@ Public submodules: ``apimart_async.models`` (per-model request models),
 from __future__ import annotations
 
 from ._client import NOT_GIVEN, AsyncApimart
-from ._config import Limits, PollPolicy, RetryPolicy
+from ._config import DEFAULT_WAIT_TIMEOUT, Limits, PollPolicy, RetryPolicy
 from ._exceptions import (
     APIConnectionError,
     ApimartError,
@@ -22,15 +22,19 @@ from ._exceptions import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    BalanceUnavailableError,
+    BudgetExceededError,
     ConflictError,
     InsufficientBalanceError,
     InvalidImageError,
     InvalidRequestError,
+    MissingAPIKeyError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
     RateLimitError,
     ResultExpiredError,
+    ResultMissingError,
     ServerError,
     SubmissionUncertainError,
     TaskCancelledError,
@@ -39,32 +43,40 @@ from ._exceptions import (
     TaskTimeoutError,
     UnknownModelError,
 )
+from ._pipeline import OutcomeStream
 from ._version import __version__
-from .types import Event, Outcome, Task, TaskStatus, UploadedImage
+from .types import AccountBalance, Event, Outcome, Task, TaskStatus, UploadedImage
 
 __all__ = [
+    "DEFAULT_WAIT_TIMEOUT",
     "NOT_GIVEN",
     "APIConnectionError",
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "AccountBalance",
     "ApimartError",
     "AsyncApimart",
     "AuthenticationError",
     "BadRequestError",
+    "BalanceUnavailableError",
+    "BudgetExceededError",
     "ConflictError",
     "Event",
     "InsufficientBalanceError",
     "InvalidImageError",
     "InvalidRequestError",
     "Limits",
+    "MissingAPIKeyError",
     "NotFoundError",
     "Outcome",
+    "OutcomeStream",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PollPolicy",
     "RateLimitError",
     "ResultExpiredError",
+    "ResultMissingError",
     "RetryPolicy",
     "ServerError",
     "SubmissionUncertainError",

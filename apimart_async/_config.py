@@ -12,12 +12,29 @@ from dataclasses import dataclass
 
 import httpx
 
+from ._exceptions import MissingAPIKeyError
+
 __all__ = [
-    "DEFAULT_BASE_URL",
+    "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_UPLOAD_TIMEOUT",
+    "DEFAULT_WAIT_TIMEOUT",
+    "MAX_DOWNLOAD_BYTES",
+    "MAX_RESPONSE_BYTES",
+    "MAX_UPLOAD_BYTES",
+    "RESPONSE_VERSION",
+    "RESULT_URL_TTL",
+    "SUBMIT_SHIELD",
+    "UPLOAD_REUSE_MARGIN",
+    "UPLOAD_URL_TTL",
+    "USER_AGENT_PREFIX",
     "Limits",
     "PollPolicy",
     "RetryPolicy",
+    "proxy_from_env",
+    "resolve_api_key",
+    "resolve_base_url",
+    "resolve_timeout",
 ]
 
 DEFAULT_BASE_URL = "https://api.apimart.ai"
@@ -46,8 +63,9 @@ RESULT_URL_TTL = 24 * 3600.0
 # submitted with it can still fetch it.
 UPLOAD_REUSE_MARGIN = 6 * 3600.0
 
-# How long a submit may keep running after its caller was cancelled: once bytes may
-# be on the wire we stay to hear the answer, so the task id is known, not lost.
+# How long a submit may keep running after its caller was cancelled (or the client
+# closed): once bytes may be on the wire we stay to hear the answer, so the task id is
+# known, not lost. A submit nobody cancels has its full request timeout.
 SUBMIT_SHIELD = 30.0
 
 # Pins the response structure where the service honours it (apimart-api.md §1).
@@ -86,9 +104,14 @@ class PollPolicy:
     when the service gives none), clamped to [*first_min*, *first_max*]. Once the task
     reports progress, the next poll aims just after the completion time that progress
     implies (plus *eta_margin* of the elapsed time); without progress the interval grows
-    by *backoff* per poll with ±*jitter*, up to *max_interval*. Every interval is
-    multiplied by *time_scale*, so a test or benchmark can run the same schedule
-    1,000x faster against a fake whose clock is scaled the same way.
+    by *backoff* per poll with ±*jitter*, up to *max_interval*.
+
+    With webhooks the service pushes the result, and polling is only a safety net for
+    a callback that never comes: the first query is at *push_safety_factor* times the
+    task's ``estimated_time`` (or *push_expected_time*), at least *push_safety_min*,
+    then every *push_safety_interval*. Every interval is multiplied by *time_scale*,
+    so a test or benchmark can run the same schedule 1,000x faster against a fake
+    whose clock is scaled the same way.
     """
 
     first_fraction: float = 0.2
@@ -100,6 +123,10 @@ class PollPolicy:
     min_interval: float = 0.5
     eta_margin: float = 0.04
     jitter: float = 0.1
+    push_safety_factor: float = 3.0
+    push_safety_min: float = 30.0
+    push_safety_interval: float = 120.0
+    push_expected_time: float = 60.0
     time_scale: float = 1.0
 
     def scaled(self, time_scale: float) -> PollPolicy:
@@ -145,3 +172,32 @@ def env(name: str) -> str | None:
     """An environment variable, with empty meaning unset."""
     value = os.environ.get(name, "").strip()
     return value or None
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    """The key given, else ``APIMART_API_KEY``; ``MissingAPIKeyError`` if neither."""
+    key = api_key or env(ENV_API_KEY)
+    if not key:
+        raise MissingAPIKeyError(
+            "no API key: pass api_key=... or set the APIMART_API_KEY environment variable"
+        )
+    return key
+
+
+def resolve_base_url(base_url: str | httpx.URL | None) -> httpx.URL:
+    """The base URL given, else ``APIMART_BASE_URL``, else the service's; checked."""
+    base = httpx.URL(str(base_url or env(ENV_BASE_URL) or DEFAULT_BASE_URL))
+    if base.scheme not in ("http", "https") or not base.host:
+        raise ValueError(f"base_url must be an absolute http(s) URL, got {str(base)!r}")
+    return base
+
+
+def resolve_timeout(timeout: float | httpx.Timeout) -> httpx.Timeout:
+    """A per-request timeout as httpx expresses it."""
+    return timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+
+
+def proxy_from_env() -> bool:
+    """Whether the environment configures an HTTP proxy (httpx then builds its own pool)."""
+    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    return any(env(n) or env(n.lower()) for n in names)

@@ -19,10 +19,11 @@ from ._config import RESULT_URL_TTL, UPLOAD_URL_TTL
 from ._exceptions import (
     APIResponseValidationError,
     APIStatusError,
+    BalanceUnavailableError,
     RateLimitError,
     status_error_class,
 )
-from .types import Task, TaskErrorInfo, TaskStatus, UploadedImage
+from .types import AccountBalance, Task, TaskErrorInfo, TaskStatus, UploadedImage
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -31,6 +32,7 @@ __all__ = [
     "as_object",
     "decode_json",
     "error_from_body",
+    "parse_balance",
     "parse_retry_after",
     "parse_submit",
     "parse_task",
@@ -44,7 +46,7 @@ def decode_json(content: bytes, status_code: int) -> Any:
     """Parse a JSON body, or explain with an excerpt why it is not JSON."""
     try:
         return json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nesting deep enough to crash
         raise APIResponseValidationError(
             "response body is not JSON",
             status_code=status_code,
@@ -181,6 +183,12 @@ def parse_submit(body: object) -> tuple[str, TaskStatus, dict[str, Any]]:
     if envelope is not None:
         data = envelope.get("data")
         items = _seq(data)
+        if items and len(items) > 1:
+            ids = {_item_id(item) for item in items} - {None}
+            if len(ids) > 1:
+                # Which one is ours? Taking the first could wait on somebody else's task.
+                named = ", ".join(sorted(str(i) for i in ids))
+                raise _invalid(f"submit answer names {len(ids)} tasks ({named})", body)
         candidates.append(items[0] if items else data)
         candidates.append(envelope)
     for candidate in candidates:
@@ -192,6 +200,12 @@ def parse_submit(body: object) -> tuple[str, TaskStatus, dict[str, Any]]:
             status = TaskStatus.parse(item.get("status") or "submitted")
             return task_id.strip(), status, item
     raise _invalid("submit response carries no task id", body)
+
+
+def _item_id(item: object) -> str | None:
+    obj = as_object(item)
+    task_id = obj.get("task_id") or obj.get("id") if obj is not None else None
+    return task_id if isinstance(task_id, str) and task_id.strip() else None
 
 
 def _urls(value: object) -> list[str]:
@@ -281,6 +295,35 @@ def parse_task(body: object) -> Task:
         cost=_number(data.get("cost")),
         credits_cost=_number(data.get("credits_cost")),
         error=_task_error(data.get("error") or data.get("fail_reason")),
+        raw=data,
+    )
+
+
+def parse_balance(body: object) -> AccountBalance:
+    """An ``AccountBalance`` from ``/v1/balance`` or ``/v1/user/balance`` (§10).
+
+    The failure form is HTTP 200 with ``success: false`` and a ``message``: that is a
+    ``BalanceUnavailableError``; ``remain_balance: -1`` means an unlimited key.
+    """
+    envelope = as_object(body)
+    data = envelope if envelope is not None else None
+    if data is not None and "remain_balance" not in data:
+        data = as_object(data.get("data")) or data
+    if data is None:
+        raise _invalid("balance response is not an object", body)
+    if data.get("success") is False:
+        message = _as_str(data.get("message")) or _as_str(data.get("msg")) or "no reason given"
+        raise BalanceUnavailableError(message)
+    remaining = _number(data.get("remain_balance"))
+    if remaining is None and "remain_balance" not in data:
+        raise _invalid("balance response carries no remain_balance", body)
+    unlimited = data.get("unlimited_quota") is True or remaining == -1
+    unit = _as_str(data.get("unit")) or _as_str(data.get("currency"))
+    return AccountBalance(
+        remaining=None if unlimited else remaining,
+        used=_number(data.get("used_balance")),
+        unlimited=unlimited,
+        unit=unit,
         raw=data,
     )
 

@@ -34,22 +34,30 @@ connections go back to the pool.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
+import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
 
+from . import _jobs
 from ._clock import now
-from ._events import emit, new_idempotency_key, report_failure
-from ._exceptions import TaskTimeoutError
-from ._polling import PollSchedule
+from ._download import download_images
+from ._events import emit, new_idempotency_key
+from ._exceptions import (
+    AuthenticationError,
+    BudgetExceededError,
+    InsufficientBalanceError,
+    SubmissionUncertainError,
+)
+from ._jobs import Job
 from .models import BaseImageRequest, parse_request
 from .types import DownloadedEvent, Event, Outcome, Task, TaskStatus
 
@@ -59,61 +67,55 @@ if TYPE_CHECKING:
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-    from ._client import AsyncApimart
+    from ._budget import Budget
+    from ._config import Limits
+    from ._jobs import Resources
+    from ._pushes import PushRouter
 
-__all__ = ["JobState", "Pipeline"]
+__all__ = ["OutcomeStream", "Pipeline"]
 
-
-@dataclass(slots=True)
-class JobState:
-    """What one job knows so far; kept so an error never loses a created task."""
-
-    task: Task | None = None
+logger = logging.getLogger("apimart_async.pipeline")
 
 
-class _Job:
-    """One job between pulling its request and settling its outcome."""
-
-    __slots__ = (
-        "deadline",
-        "index",
-        "item",
-        "key",
-        "schedule",
-        "started",
-        "state",
-        "timings",
-        "waiting_since",
-    )
-
-    def __init__(self, index: int, item: Any, started: float, deadline: float) -> None:
-        self.index = index
-        self.item = item
-        self.started = started
-        self.deadline = deadline
-        self.key: str | None = None
-        self.state = JobState()
-        self.timings: dict[str, float] = {}
-        self.schedule: PollSchedule | None = None
-        self.waiting_since = started
-
-    def outcome(
-        self, task: Task | None, error: Exception | None = None, files: tuple[Any, ...] = ()
-    ) -> Outcome:
-        """This job's one ``Outcome``."""
-        return Outcome(self.index, self.item, task, error, self.timings, files, self.key)
+def _images_of(request: BaseImageRequest) -> int:
+    """How many images the request asks for (``n``, else 1)."""
+    n = getattr(request, "n", None)
+    if n is None and request.__pydantic_extra__:
+        n = request.__pydantic_extra__.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
-class _Outcomes:
-    """The caller's view of the outcome stream: taking an outcome frees its job's slot."""
+def _outcome(
+    job: Job, task: Task | None, error: Exception | None = None, files: tuple[Any, ...] = ()
+) -> Outcome:
+    """The job's one ``Outcome``."""
+    return Outcome(job.index or 0, job.item, task, error, job.timings, files, job.key)
 
-    __slots__ = ("_receive", "_slots")
 
-    def __init__(self, receive: MemoryObjectReceiveStream[Outcome], slots: anyio.Semaphore):
+class OutcomeStream:
+    """The outcomes of a ``generate_many`` run, as they finish; and what they cost.
+
+    Iterate it (``async for outcome in stream``); taking an outcome frees its job's
+    place. While and after iterating, *spent* is what the finished tasks cost (USD, as
+    the service reported), *cost_unknown* how many submitted jobs have no known cost
+    (the service did not say, the submit was uncertain, or the task was still running
+    at the deadline), and *stopped* the error that ended submitting early (a budget,
+    or a 402/401 from the service), if one did.
+    """
+
+    __slots__ = ("_pipeline", "_receive", "_slots")
+
+    def __init__(
+        self,
+        receive: MemoryObjectReceiveStream[Outcome],
+        slots: anyio.Semaphore,
+        pipeline: Pipeline,
+    ) -> None:
         self._receive = receive
         self._slots = slots
+        self._pipeline = pipeline
 
-    def __aiter__(self) -> _Outcomes:
+    def __aiter__(self) -> OutcomeStream:
         return self
 
     async def __anext__(self) -> Outcome:
@@ -127,6 +129,21 @@ class _Outcomes:
             raise StopAsyncIteration from None
         self._slots.release()
         return outcome
+
+    @property
+    def spent(self) -> float:
+        """USD the finished tasks of this run cost, as the service reported."""
+        return self._pipeline.budget.spent
+
+    @property
+    def cost_unknown(self) -> int:
+        """Submitted jobs of this run whose cost is not known."""
+        return self._pipeline.cost_unknown
+
+    @property
+    def stopped(self) -> BaseException | None:
+        """What ended submitting early (``BudgetExceededError``, 402, 401), if anything."""
+        return self._pipeline.stop
 
 
 class _Source:
@@ -188,7 +205,7 @@ class Pipeline:
 
     def __init__(
         self,
-        client: AsyncApimart,
+        res: Resources,
         *,
         concurrency: int,
         fail_fast: bool,
@@ -198,10 +215,14 @@ class Pipeline:
         allow_unknown: bool,
         idempotency_keys: Callable[[int, Any], str | None] | None,
         known_tasks: Callable[[int, Any], str | None] | None,
+        limits: Limits,
+        budget: Budget,
+        webhook_url: str | None = None,
+        pushes: PushRouter | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        self._client = client
+        self._res = res
         self._concurrency = concurrency
         self._fail_fast = fail_fast
         self._timeout = timeout
@@ -210,27 +231,37 @@ class Pipeline:
         self._allow_unknown = allow_unknown
         self._keys = idempotency_keys
         self._known = known_tasks
-        limits = client.limits
         # More starters or poll workers than the client lets run at once (its stage
         # limits, its connection pool) would only queue, each holding its job's state.
         self._max_starters = min(concurrency, limits.uploads + limits.submits, limits.connections)
         self._max_pollers = min(concurrency, limits.polls_in_flight, limits.connections)
-        self._poll_bound = client._http.call_bound  # pyright: ignore[reportPrivateUsage]
+        self._poll_bound = res.call_bound
         self._starters = 0  # alive
         self._pollers = 0  # alive
         self._active = 0  # jobs pulled and not yet settled
-        self._heap: list[tuple[float, int, _Job]] = []
+        self._heap: list[tuple[float, int, Job, int]] = []  # (due, order, job, version)
         self._order = itertools.count()  # heap tie-break: jobs are never compared
         self._wake: anyio.Event | None = None  # set to wake a sleeping scheduler
-        self._ready: deque[_Job] = deque()  # due now, for the next free poll worker
+        self._ready: deque[Job] = deque()  # due now, for the next free poll worker
         self._idle: deque[anyio.Event] = deque()  # one per idle poll worker
         self._group: anyio.abc.TaskGroup | None = None
         self._send: MemoryObjectSendStream[Outcome] | None = None
+        # Jobs with an open pipeline span (telemetry only), ended here if cancelled.
+        self._live: set[Job] | None = set() if res.telemetry is not None else None
+        # The spending side: what each admitted job reserved, and what stopped submits.
+        self.budget = budget
+        self._admitted: dict[Job, tuple[str, int, float | None]] = {}
+        self.stop: BaseException | None = None
+        self.cost_unknown = 0
+        # Webhooks: the URL every request gets unless it names its own, and the
+        # router of the receiver behind it (then results are pushed, polls rare).
+        self._webhook_url = webhook_url
+        self._pushes = pushes
 
     @asynccontextmanager
     async def run(
         self, requests: Iterable[Any] | AsyncIterable[Any]
-    ) -> AsyncGenerator[AsyncIterator[Outcome], None]:
+    ) -> AsyncGenerator[OutcomeStream, None]:
         """Start the jobs; yield the stream of their outcomes; cancel what is left."""
         source = _Source(requests)
         # Unbounded, yet it never holds more than *concurrency* outcomes: a slot is
@@ -241,11 +272,15 @@ class Pipeline:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._drive, source, send, slots)
                 try:
-                    yield _Outcomes(receive, slots)
+                    yield OutcomeStream(receive, slots, self)
                 finally:
                     tg.cancel_scope.cancel()
         finally:
             receive.close()
+            if self._live:  # cancelled with jobs under way
+                for job in self._live:
+                    _jobs.close_span(self._res, job, "cancelled")
+                self._live.clear()
         if source.error is not None:
             raise source.error
 
@@ -289,57 +324,133 @@ class Pipeline:
             self._end_if_done()
 
     async def _start(self, index: int, item: Any) -> None:
-        client = self._client
-        started = now()
-        deadline = math.inf if self._timeout is None else started + self._timeout
-        job = _Job(index, item, started, deadline)
-        fresh = True
+        job = Job(key="", timeout=self._timeout, on_event=self._on_event, index=index, item=item)
         try:
             job.key = (self._keys(index, item) if self._keys else None) or new_idempotency_key()
             known = self._known(index, item) if self._known else None
             if known:
-                job.state.task = Task(id=known, status=TaskStatus.SUBMITTED)
-                fresh = False
+                job.task = Task(id=known, status=TaskStatus.SUBMITTED)
+                job.fresh = False
             else:
-                await client._start(  # pyright: ignore[reportPrivateUsage]
-                    item
-                    if isinstance(item, BaseImageRequest)
-                    else parse_request(item, allow_unknown=self._allow_unknown),
-                    key=job.key,
-                    deadline=deadline,
-                    on_event=self._on_event,
-                    state=job.state,
-                    started=started,
-                    job=index,
-                    timings=job.timings,
-                )
+                request = job.request = self._request(item)
+                job.model = request.model
+                if (
+                    self._pushes is not None
+                    and request.webhook == self._pushes.receiver.webhook_url
+                ):
+                    job.pushes = self._pushes
+            if self._live is not None:
+                _jobs.open_span(self._res, job, "apimart.job")
+                self._live.add(job)
+            if not known:
+                if self.stop is not None:  # nothing of this job is even uploaded
+                    raise self._stopped()
+                job.gate = self
+                await _jobs.start(self._res, job)
+                if job.pushes is not None:
+                    _jobs.listen(job, functools.partial(self._pushed, job))
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             await self._failed(job, exc)
             return
-        task = job.state.task
-        assert task is not None
-        job.waiting_since = now()
-        job.schedule = PollSchedule(
-            client._poll_policy,  # pyright: ignore[reportPrivateUsage]
-            job.waiting_since,
-            client._random,  # pyright: ignore[reportPrivateUsage]
-        )
-        # Given a fresh task the first poll waits a moment; a known one is polled now,
-        # by this starter: a job due now is polled by the task that already has it.
-        delay = job.schedule.first_delay(task.estimated_time) if fresh else 0.0
+        # A fresh task's first poll waits a moment; a known one is polled now, by this
+        # starter: a job due now is polled by the task that already has it.
+        delay = job.begin_waiting(self._res)
         if delay > 0:
             self._wait(job, delay)
         else:
             await self._poll_due(job)
 
+    def _request(self, item: Any) -> BaseImageRequest:
+        request = (
+            item
+            if isinstance(item, BaseImageRequest)
+            else parse_request(item, allow_unknown=self._allow_unknown)
+        )
+        if self._webhook_url is not None and request.webhook is None:
+            request = parse_request(request, webhook=self._webhook_url)
+        return request
+
+    # -- the spending side: budgets, and a 402/401 that stops every submit ---------
+
+    async def admit(self, job: Job) -> None:
+        """``Gate``: reserve the job's place in the budget (may wait, or refuse)."""
+        if self.stop is not None:
+            raise self._stopped()
+        request = job.request
+        assert request is not None
+        images = _images_of(request)
+        try:
+            estimate = await self.budget.admit(request.model, images)
+        except BudgetExceededError as exc:
+            self._halt(exc)
+            raise
+        self._admitted[job] = (request.model, images, estimate)
+
+    def check(self, job: Job) -> None:
+        """``Gate``: right before sending, refuse if submitting stopped meanwhile."""
+        if self.stop is not None:
+            admitted = self._admitted.pop(job, None)
+            if admitted is not None:
+                self.budget.release(*admitted)
+            raise self._stopped()
+
+    def _halt(self, error: BaseException) -> None:
+        """Start no more submits: a budget is reached, or the service said 402/401."""
+        if self.stop is None:
+            self.stop = error
+            logger.warning("generate_many stops submitting: %s", error)
+
+    def _stopped(self) -> BaseException:
+        # Each job gets its own error, raised from the one that stopped the run.
+        stop = self.stop
+        assert stop is not None
+        # A copy of the same class and attributes (copy.copy would call __init__ with
+        # the message alone, which our errors' keyword-only signatures refuse).
+        error = type(stop).__new__(type(stop))
+        error.__dict__.update(stop.__dict__)
+        error.args = stop.args
+        if not isinstance(stop, BudgetExceededError):
+            error.__cause__ = stop
+        return error
+
+    def _account(self, job: Job, outcome: Outcome) -> None:
+        """What the job's outcome means for the budget (and the 402/401 stop)."""
+        error, task = outcome.error, outcome.task
+        if task is None and isinstance(error, InsufficientBalanceError | AuthenticationError):
+            self._halt(error)
+        admitted = self._admitted.pop(job, None)
+        if admitted is None:
+            return
+        status = task.status if task is not None else None
+        if status is TaskStatus.COMPLETED:
+            assert task is not None
+            self.budget.settle(*admitted, task.cost)
+            if task.cost is None:
+                self.cost_unknown += 1
+        elif status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+            self.budget.release(*admitted)  # refunded by the service
+        elif task is None and not isinstance(error, SubmissionUncertainError):
+            self.budget.release(*admitted)  # refused: nothing was created
+        else:  # uncertain, or still running at the deadline: it may yet cost
+            self.cost_unknown += 1
+
     # -- waiting: the scheduler and the poll workers ------------------------------
 
-    def _wait(self, job: _Job, delay: float) -> None:
+    def _wait(self, job: Job, delay: float) -> None:
         """Queue *job* for a poll in *delay* seconds (or at its deadline)."""
         due = min(now() + delay, job.deadline)
-        heapq.heappush(self._heap, (due, next(self._order), job))
+        job.queued = True
+        heapq.heappush(self._heap, (due, next(self._order), job, job.version))
         if self._wake is not None and self._heap[0][2] is job:
             self._wake.set()  # the sleeping scheduler aimed later than this
+
+    def _pushed(self, job: Job) -> None:
+        """Its result was pushed: a job waiting in the heap is due now."""
+        if job.queued:  # else a task is busy with it and will see the push
+            job.queued = False
+            job.version += 1  # its heap entry is now stale
+            self._ready.append(job)
+            self._dispatch()
 
     def _dispatch(self) -> None:
         """Wake (or start) a poll worker for each job ready now, up to the limit."""
@@ -360,7 +471,10 @@ class Pipeline:
             current = now()
             if heap and heap[0][0] <= current:
                 while heap and heap[0][0] <= current:
-                    self._ready.append(heapq.heappop(heap)[2])
+                    _, _, job, version = heapq.heappop(heap)
+                    if version == job.version:  # else a push took it out already
+                        job.queued = False
+                        self._ready.append(job)
                 self._dispatch()
             wake = self._wake = anyio.Event()
             with anyio.CancelScope(deadline=heap[0][0] if heap else math.inf):
@@ -376,27 +490,22 @@ class Pipeline:
             self._idle.append(wake)
             await wake.wait()
 
-    async def _poll_due(self, job: _Job) -> None:
+    async def _poll_due(self, job: Job) -> None:
         """Poll a due job until it settles or is due again later (then back to the heap)."""
-        budget = self._client._poll_budget  # pyright: ignore[reportPrivateUsage]
         while True:
             if job.deadline <= now():
-                await self._timed_out(job)
+                await self._failed(job, job.timed_out())
                 return
-            await budget.acquire()
             delay = await self._poll(job)
             if delay is None:
                 return
-            if delay > 0:
+            if delay > 0 and job.pushed is None:
                 self._wait(job, delay)
                 return
 
-    async def _poll(self, job: _Job) -> float | None:
+    async def _poll(self, job: Job) -> float | None:
         """One query: the delay until the next, or None once the job is settled."""
-        client = self._client
-        state, schedule = job.state, job.schedule
-        assert state.task is not None and schedule is not None
-        task_id = state.task.id
+        res = self._res
         # A query that cannot outlive the deadline (bar a wait for one of the client's
         # poll slots held by other batches) needs no cancel scope.
         scope = None
@@ -404,42 +513,32 @@ class Pipeline:
             scope = anyio.CancelScope(deadline=job.deadline)
         try:
             with scope or contextlib.nullcontext():
-                delay = await client._poll_once(  # pyright: ignore[reportPrivateUsage]
-                    task_id, state, schedule, job.waiting_since, self._on_event, job.index
-                )
+                delay = await _jobs.poll_once(res, job)
             if scope is not None and scope.cancelled_caught:
-                await self._timed_out(job)
+                await self._failed(job, job.timed_out())
                 return None
             if delay is not None:
                 return delay
-            task = await client._finish_wait(  # pyright: ignore[reportPrivateUsage]
-                task_id, state, job.waiting_since, self._on_event, job.index
-            )
+            task = await _jobs.settle(job)
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             job.timings["wait"] = now() - job.waiting_since
             await self._failed(job, exc)
             return None
-        job.timings["wait"] = now() - job.waiting_since
         if self._download_to is None:
-            self._settle(job, job.outcome(task))
+            self._settle(job, _outcome(job, task))
         else:
             self._spawn(self._download, job, task)  # the poller stays free
         return None
 
-    async def _timed_out(self, job: _Job) -> None:
-        task = job.state.task
-        assert task is not None
-        job.timings["wait"] = now() - job.waiting_since
-        error = TaskTimeoutError(task_id=task.id, task=task, timeout=self._timeout)
-        await self._failed(job, error)
-
     # -- settling ------------------------------------------------------------------
 
-    async def _download(self, job: _Job, task: Task) -> None:
+    async def _download(self, job: Job, task: Task) -> None:
         assert self._download_to is not None
         try:
             t0 = now()
-            paths = await self._client.download(task, self._download_to)
+            paths = await download_images(
+                self._res, task, self._download_to, names=None, overwrite=True, span=job.span
+            )
             job.timings["download"] = now() - t0
             files = tuple(paths)
             event = DownloadedEvent(task.id, files, now() - job.started, job.index)
@@ -447,15 +546,20 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             await self._failed(job, exc)
             return
-        self._settle(job, job.outcome(task, files=files))
+        self._settle(job, _outcome(job, task, files=files))
 
-    async def _failed(self, job: _Job, exc: Exception) -> None:
-        task = await report_failure(self._on_event, exc, job.state.task, job.started, job.index)
-        self._settle(job, job.outcome(task, exc))
+    async def _failed(self, job: Job, exc: Exception) -> None:
+        task = await _jobs.fail(job, exc)
+        self._settle(job, _outcome(job, task, exc))
 
-    def _settle(self, job: _Job, outcome: Outcome) -> None:
+    def _settle(self, job: Job, outcome: Outcome) -> None:
         assert self._send is not None
         self._active -= 1
+        self._account(job, outcome)
+        _jobs.unlisten(job)
+        if self._live is not None:
+            self._live.discard(job)
+            _jobs.close_span(self._res, job, outcome.error)
         try:
             self._send.send_nowait(outcome)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):

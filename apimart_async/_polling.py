@@ -9,10 +9,12 @@ completion time from progress and elapsed time and aims just past it, so a typic
 costs two or three queries and is noticed within a few percent of its duration. Without
 progress it backs off geometrically with jitter, up to a cap.
 
-``RateLimiter`` is the client-wide poll budget: every ``wait`` on a client draws from
-one token bucket, so 10,000 waiting tasks cost the same request rate as 100 (they are
-noticed later instead). It computes each caller's slot arithmetically under no lock and
-sleeps outside it, so waiting tasks cost nothing but their sleep.
+``RateLimiter`` is the client-wide poll budget: every task query on a client (each
+attempt, retries included) draws from one token bucket, so 10,000 waiting tasks cost
+the same request rate as 100 (they are noticed later instead), and a storm of 429s or
+503s is retried within the budget, not on top of it. It computes each caller's slot
+arithmetically under no lock and sleeps outside it, so waiting tasks cost nothing but
+their sleep.
 """
 
 from __future__ import annotations
@@ -39,18 +41,24 @@ class PollSchedule:
     when waiting began, for a task submitted elsewhere).
     """
 
-    __slots__ = ("_last_delay", "_policy", "_random", "_started")
+    __slots__ = ("_last_delay", "_policy", "_pushes", "_random", "_started")
 
-    def __init__(self, policy: PollPolicy, started: float, rng: random.Random) -> None:
+    def __init__(
+        self, policy: PollPolicy, started: float, rng: random.Random, *, pushes: bool = False
+    ) -> None:
         # *rng* is the client's: a Random per schedule would cost 2.5 KB per waiting task.
         self._policy = policy
         self._started = started
         self._random = rng
         self._last_delay = 0.0
+        self._pushes = pushes  # the result will be pushed: polls are a safety net only
 
     def first_delay(self, estimated_time: float | None) -> float:
         """Delay before the first poll, from the service's estimate if it gave one."""
         p = self._policy
+        if self._pushes:
+            expected = estimated_time or p.push_expected_time
+            return max(p.push_safety_min, expected * p.push_safety_factor) * p.time_scale
         guess = p.first_default if estimated_time is None else estimated_time * p.first_fraction
         delay = min(max(guess, p.first_min), p.first_max) * p.time_scale
         self._last_delay = delay
@@ -60,6 +68,8 @@ class PollSchedule:
         """Delay after seeing *task* at local time *now*."""
         p = self._policy
         scale = p.time_scale
+        if self._pushes:
+            return self._jittered(p.push_safety_interval * scale)
         elapsed = max(now - self._started, 0.0)
         progress = task.progress or 0
         floor = p.min_interval * scale
@@ -89,6 +99,11 @@ class PollSchedule:
         self._last_delay = delay
         return self._jittered(delay)
 
+    def requery_delay(self) -> float:
+        """A short look again (a task completed without its result URLs yet)."""
+        p = self._policy
+        return p.first_min * p.time_scale
+
     def _jittered(self, delay: float) -> float:
         jitter = self._policy.jitter
         if not jitter:
@@ -97,11 +112,12 @@ class PollSchedule:
 
 
 class RateLimiter:
-    """A token bucket shared by every poll of one client: *rate* per second, *burst*.
+    """A token bucket shared by every task query of one client: *rate* per second, *burst*.
 
     ``acquire`` reserves the next free slot (virtual scheduling) and sleeps until it;
     there is no queue to drain and no background task. A caller cancelled while
-    sleeping forfeits its slot, which only makes the budget stricter.
+    sleeping gives its slot back, and so does one that ``release``s a slot it could not
+    use, so cancelled pollers never make the next ones wait longer.
     """
 
     __slots__ = ("_burst", "_interval", "_next")
@@ -116,11 +132,27 @@ class RateLimiter:
         """Requests per second granted on average."""
         return 1.0 / self._interval
 
-    async def acquire(self) -> None:
-        """Wait for this caller's slot."""
-        current = now()
+    def reserve(self, current: float) -> float:
+        """Reserve the next slot at loop time *current*; return how long until it."""
         # Unused capacity accumulates only up to the burst size.
         slot = max(self._next, current - (self._burst - 1) * self._interval)
         self._next = slot + self._interval
-        if slot > current:
-            await anyio.sleep(slot - current)
+        return max(0.0, slot - current)
+
+    async def acquire(self) -> None:
+        """Wait for this caller's slot."""
+        delay = self.reserve(now())
+        if delay > 0:
+            try:
+                await anyio.sleep(delay)
+            except BaseException:  # cancelled, natively too: the slot goes back
+                self.release()
+                raise
+
+    def release(self) -> None:
+        """Give back a slot that was not used for a request.
+
+        Everyone queued keeps their slot; the next caller takes the freed one. At
+        worst two requests then share an instant, which the burst allows anyway.
+        """
+        self._next -= self._interval

@@ -29,8 +29,8 @@ The run, in order:
    ========================  ====================================================
 
 4. ``generate_many`` runs the jobs as they are read (memory stays flat however long
-   the file is); the journal records each step (``SubmitWatch`` reports every submit
-   just before it is sent: the ``submitting`` row is committed first; a task id is
+   the file is); the journal records each step (the client's ``SubmittingEvent``
+   reports every submit attempt just before it is sent: the ``submitting`` row is committed first; a task id is
    committed as soon as it arrives; other steps ride along with the next commit), and
    each completed task's images are downloaded as ``<id>_<n>.<ext>``;
 5. ``results.jsonl`` gets one record per line (of this shard), and a summary is
@@ -78,7 +78,7 @@ from apimart_async import (
     TaskStatus,
 )
 from apimart_async.models import parse_request
-from apimart_async.types import CompletedEvent, FailedEvent, SubmittedEvent
+from apimart_async.types import CompletedEvent, FailedEvent, SubmittedEvent, SubmittingEvent
 
 from ._jobfile import IdRegistry, JobLine, JobReader, LineError, LineRef
 from ._journal import JobRecord, Journal, JournalError, JournalWriteError
@@ -209,7 +209,7 @@ def run_batch(
     Raises ``UsageError`` (exit 2) and ``JournalRefused`` (exit 3) before any request.
     """
     run = _Run(settings, ui, runtime)
-    client, fake = make_client(options, runtime, on_submit=run.on_submit)
+    client, fake = make_client(options, runtime)
     service = _service(options, fake, client)
     batch_id, lines = _prepare_file(settings)
     if settings.strict:
@@ -517,7 +517,8 @@ class _Run:
     # -- journal writes -------------------------------------------------------------
 
     def on_submit(self, key: str, body: bytes) -> None:
-        """``SubmitWatch``: a submit under *key* is about to be sent; commit it first.
+        """A submit attempt under *key* is about to be sent (``SubmittingEvent``); commit
+        it first.
 
         Raising here keeps the submit from being sent: when the journal cannot be
         written, and when the body is not the one a derived key stands for.
@@ -554,6 +555,9 @@ class _Run:
 
     def on_event(self, event: Event) -> None:
         """Record what the client reports, then update the display."""
+        if isinstance(event, SubmittingEvent):
+            self.on_submit(event.idempotency_key, event.body)
+            return
         index = event.job
         active = self.active.get(index) if index is not None else None
         if active is not None and self.journal is not None:
