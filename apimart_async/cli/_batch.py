@@ -631,20 +631,17 @@ class _Run:
         journal = self.journal
         assert journal is not None
         for task, job_id, key in entries:
-            self._note(f"paid task {task} (job {job_id}, idempotency key {key})", always=True)
+            self._note(f"paid task {task} (job {job_id}, idempotency key {key})")
         where = write_recovery(journal.directory, self.journal_id, entries)
         if where is None:
-            self._note(
-                "could not write these task ids to any recovery file: copy them from above",
-                always=True,
-            )
+            self._note("could not write these task ids to any recovery file: copy them from above")
         else:
-            self._note(f"task ids saved to {where} (the next run adopts them)", always=True)
+            self._note(f"task ids saved to {where} (the next run adopts them)")
 
     def _abort(self, message: str) -> None:
         if self.fatal is None:
             self.fatal = message
-            self._note(message, always=True)
+            self._note(message)
             if self.scope is not None:
                 self.scope.cancel()
 
@@ -660,8 +657,7 @@ class _Run:
             elif self.notes == MAX_NOTES + 1:
                 self._note("further problems are listed at the end")
 
-    def _note(self, text: str, *, always: bool = False) -> None:
-        del always  # every note is shown; the flag marks the ones that must be
+    def _note(self, text: str) -> None:
         if self.progress is not None:
             self.progress.note(text)
         else:
