@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from asyncio import _get_running_loop  # pyright: ignore[reportPrivateUsage]
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,6 +20,7 @@ import anyio
 
 from . import _config, _jobs
 from ._budget import Budget
+from ._clock import running_asyncio_loop
 from ._config import Limits, PollPolicy, RetryPolicy
 from ._download import download_images
 from ._events import checked_key, emit
@@ -214,7 +214,7 @@ class AsyncApimart:
         self._check_loop()
 
     def _check_loop(self) -> None:
-        loop = _get_running_loop() or current_loop()
+        loop = running_asyncio_loop() or current_loop()
         if self._loop is None:
             self._loop = loop
         elif loop is not self._loop:

@@ -14,8 +14,9 @@ Two things cannot be expressed through it:
 from __future__ import annotations
 
 import sys
-from asyncio import _get_running_loop  # pyright: ignore[reportPrivateUsage]
 from typing import TYPE_CHECKING, Any
+
+from ._clock import running_asyncio_loop
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
@@ -25,7 +26,7 @@ __all__ = ["current_loop", "loop_mismatch", "spawn_detached"]
 
 def current_loop() -> object:
     """An object identifying the running event loop (the asyncio loop, or trio's token)."""
-    loop = _get_running_loop()
+    loop = running_asyncio_loop()
     if loop is not None:
         return loop
     trio: Any = sys.modules.get("trio")
@@ -51,9 +52,9 @@ def spawn_detached(fn: Callable[[], Awaitable[None]]) -> object:
     Returns a handle the caller must keep until *fn* ends (asyncio holds tasks only
     weakly). *fn* must not raise: on trio a failing system task crashes the whole run.
     """
-    loop = _get_running_loop()
+    loop: Any = running_asyncio_loop()
     if loop is not None:
-        return loop.create_task(fn())  # type: ignore[arg-type]
+        return loop.create_task(fn())
     trio: Any = sys.modules["trio"]
     trio.lowlevel.spawn_system_task(fn)
     return fn

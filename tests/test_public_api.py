@@ -90,3 +90,34 @@ def test_the_cli_uses_only_the_public_api() -> None:
                 ):
                     private.append(f"{path.name}: {name}")
     assert private == []
+
+
+def test_importing_the_package_imports_nothing_optional() -> None:
+    """``import apimart_async`` adds no optional or heavy module to what httpx and
+    pydantic bring: aiohttp, rich, uvicorn, OpenTelemetry, trio, stamina (first
+    needed at a retry) and asyncio are imported when first used, not before."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, httpx; from pydantic import BaseModel\n"
+        "before = set(sys.modules)\n"
+        "import apimart_async, apimart_async.models, apimart_async.types\n"
+        "print(' '.join(sorted(set(sys.modules) - before)))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    added = {name.split(".")[0] for name in done.stdout.split()}
+    heavy = {
+        "aiohttp",
+        "rich",
+        "uvicorn",
+        "opentelemetry",
+        "trio",
+        "stamina",
+        "tenacity",
+        "asyncio",
+    }
+    assert added & heavy == set(), sorted(added & heavy)
+    assert "apimart_async" in added  # the check saw the import happen
