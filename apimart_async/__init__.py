@@ -6,6 +6,8 @@
 ...         task = await client.generate(model="gemini-3-pro-image-preview", prompt="a fox")
 ...         await client.download(task, "out/")
 
+From synchronous code, ``Apimart`` has the same methods, blocking.
+
 Public submodules: ``apimart_async.models`` (per-model request models),
 ``apimart_async.types`` (results and events), ``apimart_async.testing`` (FakeApimart).
 """
@@ -39,6 +41,7 @@ from ._exceptions import (
     TaskTimeoutError,
     UnknownModelError,
 )
+from ._sync import Apimart
 from ._version import __version__
 from .types import Event, Outcome, Task, TaskStatus, UploadedImage
 
@@ -48,6 +51,7 @@ __all__ = [
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "Apimart",
     "ApimartError",
     "AsyncApimart",
     "AuthenticationError",

@@ -1,0 +1,600 @@
+"""``Apimart``: the blocking client, for scripts, notebooks and synchronous frameworks.
+
+There is one implementation, ``AsyncApimart``; ``Apimart`` drives it from plain threads.
+Each client runs one event loop in a daemon thread (anyio's blocking portal) and every
+method hands the matching ``AsyncApimart`` coroutine to that loop, then blocks until it
+ends. So request building, validation, retries, polling, limits and the poll budget
+are the async client's own, and they hold across every thread sharing one client::
+
+    caller thread(s) ──call──▶ portal (daemon thread, one event loop) ──▶ AsyncApimart
+                     ◀─result/error─┘  (limits, poll budget, pool: shared by all calls)
+
+Where things run: the ``AsyncApimart`` is built in the calling thread when no event
+loop runs there (so ``Apimart(...)`` raises its errors before any thread starts);
+inside a running loop (a Jupyter cell, async code) it is built on the client's own
+thread instead, so nothing in it binds to the caller's loop. ``on_event`` callbacks,
+``generate_many``'s input iterator and its ``idempotency_keys`` / ``known_tasks``
+callbacks run on the client's thread: they must be quick and must not call the client
+(that is refused with a ``RuntimeError`` rather than left to deadlock).
+
+What can go wrong, and what happens:
+
+- Ctrl-C (``KeyboardInterrupt``) while a call blocks: the call's async work is
+  cancelled and *then* the interrupt is raised, so nothing is left running. A paid
+  submit already on the wire is shielded by the async client: its answer is still
+  heard and its task id reaches ``on_event`` (a ``SubmittedEvent``). A second Ctrl-C
+  during that wait abandons it; ``close()`` (or interpreter exit) still waits for it.
+- ``close()``: new calls raise ``RuntimeError``; calls still running in other threads
+  are cancelled (they raise ``RuntimeError``), the pool is closed and the thread is
+  joined. A client never closed is closed at interpreter exit (``weakref.finalize``),
+  or when garbage-collected, so a script that forgets ``close()`` still exits cleanly.
+- ``os.fork()``: the child has no loop thread; create clients after forking.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import weakref
+from concurrent.futures import CancelledError, Future
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
+
+import anyio
+from anyio.from_thread import start_blocking_portal
+
+from . import _config
+from ._client import NOT_GIVEN, AsyncApimart, _Unset
+from ._exceptions import ApimartError
+from .types import Outcome, Task
+
+if TYPE_CHECKING:
+    import os
+    from collections.abc import (
+        AsyncIterator,
+        Awaitable,
+        Callable,
+        Generator,
+        Iterable,
+        Iterator,
+        Mapping,
+        Sequence,
+    )
+    from contextlib import AbstractAsyncContextManager, AbstractContextManager
+    from pathlib import Path
+    from typing import IO
+
+    import httpx
+    from anyio.from_thread import BlockingPortal
+    from typing_extensions import Self
+
+    from ._config import Limits, PollPolicy, RetryPolicy
+    from ._events import EventHandler
+    from .models import BaseImageRequest
+    from .types import UploadedImage
+
+__all__ = ["Apimart"]
+
+T = TypeVar("T")
+
+_CLOSED = "this Apimart client is closed; create a new one"
+
+
+class Apimart:
+    """Blocking client for APIMart's image API: ``AsyncApimart`` for synchronous code.
+
+    The same constructor arguments, methods, arguments, return types and errors as
+    ``AsyncApimart``; each method blocks until its work is done. Create one client and
+    share it, across threads too: limits, the poll budget and the connection pool are
+    client-wide. Use ``with Apimart() as client:`` or call ``close()``.
+
+    It works in a plain script, in several threads at once, and inside a thread whose
+    event loop is running (a Jupyter cell), where ``asyncio.run`` would fail. In async
+    code prefer ``AsyncApimart``: a blocking call holds up the caller's loop meanwhile.
+
+    Callbacks (``on_event``, and ``generate_many``'s input and key callbacks) run on
+    the client's own thread, not the caller's: keep them quick and thread-safe, and do
+    not call the client from them.
+
+    Raises:
+        ValueError: a missing API key or an invalid argument (from ``Apimart(...)``).
+        RuntimeError: a call on a closed client, from a callback, or one that was
+            running when another thread closed the client.
+    """
+
+    # The event loop of the client's thread. asyncio uses the aiohttp transport when
+    # the ``fast`` extra is installed; the test suite runs it on trio too.
+    _backend: ClassVar[str] = "asyncio"
+
+    def __init__(
+        self,
+        *,
+        api_key: str | None = None,
+        base_url: str | httpx.URL | None = None,
+        timeout: float | httpx.Timeout = _config.DEFAULT_TIMEOUT,
+        max_retries: int = _config.DEFAULT_MAX_RETRIES,
+        retry: RetryPolicy | None = None,
+        poll: PollPolicy | None = None,
+        limits: Limits | None = None,
+        max_connections: int | None = None,
+        wait_timeout: float | None = _config.DEFAULT_WAIT_TIMEOUT,
+        retry_uncertain_submits: bool = False,
+        http_client: httpx.AsyncClient | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+        headers: Mapping[str, str] | None = None,
+        max_response_bytes: int = _config.MAX_RESPONSE_BYTES,
+        max_download_bytes: int = _config.MAX_DOWNLOAD_BYTES,
+    ) -> None:
+        def build() -> AsyncApimart:
+            return AsyncApimart(
+                api_key=api_key,
+                base_url=base_url,
+                timeout=timeout,
+                max_retries=max_retries,
+                retry=retry,
+                poll=poll,
+                limits=limits,
+                max_connections=max_connections,
+                wait_timeout=wait_timeout,
+                retry_uncertain_submits=retry_uncertain_submits,
+                http_client=http_client,
+                transport=transport,
+                headers=headers,
+                max_response_bytes=max_response_bytes,
+                max_download_bytes=max_download_bytes,
+            )
+
+        self._runner = _Runner(build, self._backend)
+        self._client = self._runner.client
+        # Closes the client at interpreter exit or on garbage collection, whichever
+        # comes first; it holds the runner, never ``self``.
+        self._finalizer = weakref.finalize(self, _finalize, self._runner)
+
+    # -- lifecycle -----------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        if self._runner.closed:
+            raise RuntimeError(_CLOSED)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Cancel calls still running, close the pool, stop the thread. Safe to call twice.
+
+        Returns once the client's thread has ended. A paid submit on the wire is still
+        heard first (for at most ``SUBMIT_SHIELD`` seconds), so its task is not lost.
+        """
+        self._runner.close()
+        self._finalizer.detach()
+
+    @property
+    def is_closed(self) -> bool:
+        """Whether ``close()`` was called."""
+        return self._runner.closed
+
+    def __repr__(self) -> str:
+        inner = repr(self._client).removeprefix("<AsyncApimart")
+        if self._runner.closed:
+            inner = inner.replace("state=open", "state=closed")
+        return f"<Apimart{inner}"
+
+    @property
+    def base_url(self) -> httpx.URL:
+        """The API origin (and path prefix) every API request goes to."""
+        return self._client.base_url
+
+    @property
+    def limits(self) -> Limits:
+        """The client-wide limits in force, across every thread."""
+        return self._client.limits
+
+    @property
+    def poll_policy(self) -> PollPolicy:
+        """The schedule ``wait`` uses."""
+        return self._client.poll_policy
+
+    # -- the blocking twins of AsyncApimart's methods --------------------------------
+
+    def upload_image(
+        self,
+        source: str | os.PathLike[str] | bytes | IO[bytes],
+        *,
+        filename: str | None = None,
+        cache: bool = True,
+    ) -> UploadedImage:
+        """Upload one image and return its public URL (see ``AsyncApimart.upload_image``).
+
+        A file object is read on the client's thread.
+        """
+        client = self._client
+        return self._runner.run(lambda: client.upload_image(source, filename=filename, cache=cache))
+
+    def submit(
+        self,
+        request: BaseImageRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        idempotency_key: str | None = None,
+        allow_unknown: bool = False,
+        **params: Any,
+    ) -> Task:
+        """Create a generation task and return it (see ``AsyncApimart.submit``)."""
+        client = self._client
+        return self._runner.run(
+            lambda: client.submit(
+                request, idempotency_key=idempotency_key, allow_unknown=allow_unknown, **params
+            )
+        )
+
+    def get_task(self, task_id: str) -> Task:
+        """The task's current state (see ``AsyncApimart.get_task``)."""
+        client = self._client
+        return self._runner.run(lambda: client.get_task(task_id))
+
+    def wait(
+        self,
+        task: str | Task,
+        *,
+        timeout: float | None | _Unset = NOT_GIVEN,
+        on_event: EventHandler | None = None,
+    ) -> Task:
+        """Poll until the task finishes; return it completed, or raise (see
+        ``AsyncApimart.wait``). *on_event* runs on the client's thread."""
+        client = self._client
+        return self._runner.run(lambda: client.wait(task, timeout=timeout, on_event=on_event))
+
+    def generate(
+        self,
+        request: BaseImageRequest | Mapping[str, Any] | None = None,
+        /,
+        *,
+        timeout: float | None | _Unset = NOT_GIVEN,
+        idempotency_key: str | None = None,
+        on_event: EventHandler | None = None,
+        allow_unknown: bool = False,
+        **params: Any,
+    ) -> Task:
+        """Upload local images, submit, and wait (see ``AsyncApimart.generate``).
+
+        *on_event* runs on the client's thread.
+        """
+        client = self._client
+        return self._runner.run(
+            lambda: client.generate(
+                request,
+                timeout=timeout,
+                idempotency_key=idempotency_key,
+                on_event=on_event,
+                allow_unknown=allow_unknown,
+                **params,
+            )
+        )
+
+    def download(
+        self,
+        task: Task | Sequence[str],
+        dest: str | os.PathLike[str],
+        *,
+        names: Sequence[str] | None = None,
+        overwrite: bool = True,
+        on_event: EventHandler | None = None,
+    ) -> list[Path]:
+        """Save every image of *task* into directory *dest* (see ``AsyncApimart.download``)."""
+        client = self._client
+        return self._runner.run(
+            lambda: client.download(task, dest, names=names, overwrite=overwrite, on_event=on_event)
+        )
+
+    @contextmanager
+    def generate_many(
+        self,
+        requests: Iterable[Any],
+        *,
+        concurrency: int = 64,
+        fail_fast: bool = False,
+        timeout: float | None | _Unset = NOT_GIVEN,
+        download_to: str | os.PathLike[str] | None = None,
+        on_event: EventHandler | None = None,
+        allow_unknown: bool = False,
+        idempotency_keys: Callable[[int, Any], str | None] | None = None,
+        known_tasks: Callable[[int, Any], str | None] | None = None,
+    ) -> Generator[Iterator[Outcome], None, None]:
+        """Run many pipelines at once; iterate their ``Outcome``s as they finish.
+
+        ``with client.generate_many(requests) as outcomes: for o in outcomes: ...``,
+        with everything ``AsyncApimart.generate_many`` promises: *requests* is read
+        lazily (on the client's thread, so an iterator over a file or a generator
+        works; it must not call the client), one ``Outcome`` per item, and leaving the
+        block early (``break``, an exception, Ctrl-C) cancels the work still running
+        and returns once none is left. The pipelines run while your loop body does.
+        """
+        batch = self._client.generate_many(
+            requests,
+            concurrency=concurrency,
+            fail_fast=fail_fast,
+            timeout=timeout,
+            download_to=download_to,
+            on_event=on_event,
+            allow_unknown=allow_unknown,
+            idempotency_keys=idempotency_keys,
+            known_tasks=known_tasks,
+        )
+        with self._runner.hold(batch) as outcomes:
+            yield _Outcomes(self._runner, outcomes)
+
+
+class _Outcomes:
+    """The plain iterator over a batch's async outcome stream: one loop call per item."""
+
+    __slots__ = ("_next", "_runner")
+
+    def __init__(self, runner: _Runner, outcomes: AsyncIterator[Outcome]) -> None:
+        self._runner = runner
+        self._next = outcomes.__anext__
+
+    def __iter__(self) -> _Outcomes:
+        return self
+
+    def __next__(self) -> Outcome:
+        try:
+            return self._runner.run(self._next)
+        except StopAsyncIteration:
+            raise StopIteration from None
+
+
+class _Call(Generic[T]):
+    """One coroutine handed to the loop, and what the caller needs to wait for it.
+
+    *future* resolves with its result (anyio's portal sets it); *done* is set once the
+    coroutine has fully unwound, which, after a cancellation, is later than the future.
+    """
+
+    __slots__ = ("done", "error", "escaped", "future", "result")
+
+    def __init__(self) -> None:
+        self.future: Future[T] = Future()
+        self.done = threading.Event()
+        self.result: T | None = None
+        self.error: BaseException | None = None
+        # A SystemExit or KeyboardInterrupt raised by a callback on the loop's thread:
+        # it is the caller's to raise, never the loop's (it would end the loop).
+        self.escaped: BaseException | None = None
+
+
+class _Runner:
+    """One ``AsyncApimart`` on one event loop in a daemon thread, and its calls in flight.
+
+    Kept apart from ``Apimart`` so the finalizer can own it without keeping the client
+    alive. Every call is tracked until its caller has its answer, so ``close()`` can
+    cancel the ones still running and wait until each has unwound.
+    """
+
+    def __init__(self, build: Callable[[], AsyncApimart], backend: str) -> None:
+        # Built here unless an event loop runs in this thread: anyio would then bind
+        # the client's locks to that loop, not ours. Either way its errors (a missing
+        # key) reach the caller of ``Apimart(...)``.
+        client = None if _loop_running_here() else build()
+        self._portal_cm: AbstractContextManager[BlockingPortal] = start_blocking_portal(backend)
+        self._portal = self._portal_cm.__enter__()
+        try:
+            self.thread_id = self._portal.call(_adopt_thread)
+            self.client: AsyncApimart = client or self._portal.call(build)
+        except BaseException:
+            self._portal_cm.__exit__(None, None, None)
+            raise
+        self._lock = threading.Lock()  # guards _calls and closed; never taken on the loop
+        self._closing = threading.Lock()  # one close() at a time; a second one waits
+        self._calls: set[_Call[Any]] = set()
+        self.closed = False
+        self._stopped = False
+
+    # -- calls ---------------------------------------------------------------------
+
+    def run(self, func: Callable[[], Awaitable[T]]) -> T:
+        """Run ``func()`` on the loop and block until it ends: its result or its error."""
+        call = self._start(func)
+        try:
+            return self._wait(call, call.future)
+        finally:
+            self._forget(call)
+
+    def _start(self, func: Callable[[], Awaitable[T]]) -> _Call[T]:
+        if threading.get_ident() == self.thread_id:
+            raise RuntimeError(
+                "an Apimart client cannot be called from its own thread (an on_event "
+                "callback, a generate_many input or key callback); pass the data back "
+                "to your thread instead, or use AsyncApimart in async code"
+            )
+        call: _Call[T] = _Call()
+        with self._lock:  # registered and started atomically with respect to close()
+            if self.closed:
+                raise RuntimeError(_CLOSED)
+            call.future = self._portal.start_task_soon(self._guard, call, func)
+            self._calls.add(call)
+        return call
+
+    @staticmethod
+    async def _guard(call: _Call[T], func: Callable[[], Awaitable[T]]) -> T:
+        # Runs on the loop: records how the call ended, for an interrupted caller.
+        try:
+            call.result = result = await func()
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            call.error = exc
+            raise
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            call.escaped = exc
+            return cast("T", None)  # never read: the caller raises call.escaped
+        finally:
+            call.done.set()
+        return result
+
+    def _wait(self, call: _Call[Any], future: Future[T]) -> T:
+        """The result of *future* (*call*'s own, or one it resolves), blocking.
+
+        An interrupt (Ctrl-C) while waiting cancels the call and waits for it to unwind
+        before it is raised. A future cancelled means the call ended without resolving
+        it: with the call's own error, or cancelled by ``close()``.
+        """
+        try:
+            value = future.result()
+        except CancelledError:
+            call.done.wait()
+            if call.error is not None:
+                raise call.error from None
+            raise RuntimeError(
+                "the Apimart client was closed (by another thread) while this call ran"
+            ) from None
+        except BaseException as exc:
+            if not (future.done() and not future.cancelled() and future.exception() is exc):
+                self._interrupted(call, exc)  # a KeyboardInterrupt, not the call's error
+            raise
+        if call.escaped is not None:
+            raise call.escaped
+        return value
+
+    def _interrupted(self, call: _Call[Any], exc: BaseException) -> None:
+        """Cancel *call* and wait until it has unwound, before *exc* is raised.
+
+        The wait is where a shielded submit finishes: its task reaches ``on_event``.
+        A second interrupt during it abandons the wait (``close()`` still waits).
+        """
+        call.future.cancel()
+        call.done.wait()
+        ended = call.error if call.error is not None else call.result
+        if isinstance(ended, Task | ApimartError) and sys.version_info >= (3, 11):
+            what = f"task {ended.id} ({ended.status.value})" if isinstance(ended, Task) else ended
+            exc.add_note(f"apimart_async: the interrupted call had already ended with {what!r}")
+
+    def _forget(self, call: _Call[Any]) -> None:
+        with self._lock:
+            self._calls.discard(call)
+
+    # -- async context managers (generate_many) ------------------------------------
+
+    @contextmanager
+    def hold(self, acm: AbstractAsyncContextManager[T]) -> Generator[T, None, None]:
+        """Enter *acm* on the loop and keep it entered, in one task, until the block ends.
+
+        An ``Exception`` from the block is passed into *acm* (as ``async with`` would);
+        anything else (Ctrl-C, ``GeneratorExit``) leaves it as a plain exit, since a
+        ``KeyboardInterrupt`` thrown into the loop would end the loop itself.
+        """
+        held = _Held(acm)
+        call = self._start(held.run)
+        try:
+            value = self._wait(call, held.entered)
+        except BaseException:
+            self._forget(call)
+            raise
+        try:
+            yield value
+        except Exception as exc:
+            self._leave(call, held, exc)
+            raise
+        except BaseException:
+            self._leave(call, held, None)
+            raise
+        else:
+            self._leave(call, held, None)
+
+    def _leave(self, call: _Call[None], held: _Held[Any], error: Exception | None) -> None:
+        try:
+            if not call.done.is_set():
+                held.error = error
+                try:
+                    self._portal.call(held.leave.set)
+                except RuntimeError:  # the portal stopped: close() cancelled the hold
+                    pass
+            self._wait(call, call.future)
+        except Exception as exc:
+            if error is None or _sole(exc) is not error:
+                raise
+            # The batch re-raised the block's own error (anyio's task group may have
+            # wrapped it in a group of one): the caller raises it as it was.
+        finally:
+            self._forget(call)
+
+    # -- closing -------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Refuse new calls, cancel running ones and wait for them, close, stop."""
+        if threading.get_ident() == self.thread_id:
+            raise RuntimeError("an Apimart client cannot be closed from its own thread")
+        with self._closing:
+            with self._lock:
+                self.closed = True
+                calls = list(self._calls)
+            if self._stopped:
+                return
+            for call in calls:
+                call.future.cancel()
+            for call in calls:
+                call.done.wait()
+            try:
+                self._portal.call(self.client.aclose)
+            finally:
+                self._portal_cm.__exit__(None, None, None)  # stops the loop, joins the thread
+                self._stopped = True
+
+
+class _Held(Generic[T]):
+    """An async context manager entered and exited by one task on the loop."""
+
+    __slots__ = ("_acm", "entered", "error", "leave")
+
+    def __init__(self, acm: AbstractAsyncContextManager[T]) -> None:
+        self._acm = acm
+        self.entered: Future[T] = Future()
+        self.error: Exception | None = None
+        self.leave: anyio.Event
+
+    async def run(self) -> None:
+        try:
+            async with self._acm as value:
+                self.leave = anyio.Event()
+                self.entered.set_result(value)
+                await self.leave.wait()
+                if self.error is not None:
+                    raise self.error
+        finally:
+            if not self.entered.done():
+                self.entered.cancel()  # entering failed or was cancelled: the call says why
+
+
+def _finalize(runner: _Runner) -> None:
+    # At interpreter exit or garbage collection of an unclosed client. Collection can
+    # happen on the client's own thread, which cannot join itself: hand it over.
+    if threading.get_ident() == runner.thread_id:
+        threading.Thread(target=runner.close, name="apimart-sync-close", daemon=True).start()
+    else:
+        runner.close()
+
+
+def _sole(exc: BaseException) -> BaseException:
+    """*exc*, or the one exception inside an exception group of one (and so on down)."""
+    while True:
+        group: object = getattr(exc, "exceptions", ())
+        members = cast("tuple[object, ...]", group) if isinstance(group, tuple) else ()
+        if len(members) != 1 or not isinstance(members[0], BaseException):
+            return exc
+        exc = members[0]
+
+
+def _adopt_thread() -> int:
+    # Runs on the portal's thread: name it for thread dumps, and say who it is.
+    thread = threading.current_thread()
+    thread.name = f"apimart-sync-{thread.ident}"
+    return threading.get_ident()
+
+
+def _loop_running_here() -> bool:
+    """Whether an async library (asyncio, trio) runs in the current thread."""
+    try:
+        anyio.get_current_task()
+    except RuntimeError:  # NoEventLoopError, or sniffio's AsyncLibraryNotFoundError
+        return False
+    return True
