@@ -345,22 +345,66 @@ class _Outcomes:
 
 
 class _Call(Generic[T]):
-    """One coroutine handed to the loop, and what the caller needs to wait for it.
+    """One coroutine function handed to the loop, and how it ended.
 
-    *future* resolves with its result (anyio's portal sets it); *done* is set once the
-    coroutine has fully unwound, which, after a cancellation, is later than the future.
+    The caller registers the call *before* it is spawned, since a Ctrl-C can land while
+    the portal is still spawning it (anyio may even run it then). Whether it started
+    and whether it should is decided on the loop alone: ``run`` and ``abort`` both run
+    there, so an abort either cancels a running call or stops it from ever starting.
+    ``done`` is set once the coroutine has fully unwound (a shielded submit included).
     """
 
-    __slots__ = ("done", "error", "escaped", "future", "result")
+    __slots__ = ("aborted", "cancelled", "done", "error", "escaped", "func", "result", "scope")
 
-    def __init__(self) -> None:
-        self.future: Future[T] = Future()
+    result: T
+
+    def __init__(self, func: Callable[[], Awaitable[T]]) -> None:
+        self.func = func
         self.done = threading.Event()
-        self.result: T | None = None
-        self.error: BaseException | None = None
+        self.scope: anyio.CancelScope | None = None  # set once started
+        self.aborted = False
+        self.cancelled = False
+        self.error: Exception | None = None
         # A SystemExit or KeyboardInterrupt raised by a callback on the loop's thread:
         # it is the caller's to raise, never the loop's (it would end the loop).
         self.escaped: BaseException | None = None
+
+    async def run(self) -> None:
+        """On the loop: run the function (unless aborted first) and record its end."""
+        try:
+            if self.aborted:
+                return
+            with anyio.CancelScope() as self.scope:
+                self.result = await self.func()
+            self.cancelled = self.scope.cancelled_caught
+        except Exception as exc:  # noqa: BLE001 - raised in the caller's thread
+            self.error = exc
+        except anyio.get_cancelled_exc_class():
+            raise  # the portal itself is being torn down
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            self.escaped = exc
+        finally:
+            self.done.set()
+
+    def abort(self) -> bool:
+        """On the loop: cancel the call, or keep it from starting; whether it started."""
+        self.aborted = True
+        if self.scope is None:
+            return False
+        self.scope.cancel()
+        return True
+
+    def outcome(self) -> T:
+        """After ``done``: the result, or the error, as the caller's thread sees it."""
+        if self.escaped is not None:
+            raise self.escaped
+        if self.error is not None:
+            raise self.error
+        if self.scope is None or self.cancelled:
+            raise RuntimeError(
+                "the Apimart client was closed (by another thread) while this call ran"
+            )
+        return self.result
 
 
 class _Runner:
@@ -396,7 +440,7 @@ class _Runner:
         """Run ``func()`` on the loop and block until it ends: its result or its error."""
         call = self._start(func)
         try:
-            return self._wait(call, call.future)
+            return self._wait(call)
         finally:
             self._forget(call)
 
@@ -407,64 +451,49 @@ class _Runner:
                 "callback, a generate_many input or key callback); pass the data back "
                 "to your thread instead, or use AsyncApimart in async code"
             )
-        call: _Call[T] = _Call()
-        with self._lock:  # registered and started atomically with respect to close()
+        call = _Call(func)
+        with self._lock:  # registered before close() takes stock, or refused
             if self.closed:
                 raise RuntimeError(_CLOSED)
-            call.future = self._portal.start_task_soon(self._guard, call, func)
             self._calls.add(call)
+        try:
+            self._portal.start_task_soon(call.run)
+        except RuntimeError:
+            self._forget(call)
+            if self.closed:  # the portal stopped meanwhile
+                raise RuntimeError(_CLOSED) from None
+            raise
+        except BaseException as exc:  # interrupted while the portal spawned it
+            self._interrupted(call, exc)
+            self._forget(call)
+            raise
         return call
 
-    @staticmethod
-    async def _guard(call: _Call[T], func: Callable[[], Awaitable[T]]) -> T:
-        # Runs on the loop: records how the call ended, for an interrupted caller.
+    def _wait(self, call: _Call[T]) -> T:
+        """Block until *call* has ended; its outcome. See ``_interrupted``."""
         try:
-            call.result = result = await func()
-        except anyio.get_cancelled_exc_class():
-            raise
-        except Exception as exc:
-            call.error = exc
-            raise
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
-            call.escaped = exc
-            return cast("T", None)  # never read: the caller raises call.escaped
-        finally:
-            call.done.set()
-        return result
-
-    def _wait(self, call: _Call[Any], future: Future[T]) -> T:
-        """The result of *future* (*call*'s own, or one it resolves), blocking.
-
-        An interrupt (Ctrl-C) while waiting cancels the call and waits for it to unwind
-        before it is raised. A future cancelled means the call ended without resolving
-        it: with the call's own error, or cancelled by ``close()``.
-        """
-        try:
-            value = future.result()
-        except CancelledError:
             call.done.wait()
-            if call.error is not None:
-                raise call.error from None
-            raise RuntimeError(
-                "the Apimart client was closed (by another thread) while this call ran"
-            ) from None
         except BaseException as exc:
-            if not (future.done() and not future.cancelled() and future.exception() is exc):
-                self._interrupted(call, exc)  # a KeyboardInterrupt, not the call's error
+            self._interrupted(call, exc)
             raise
-        if call.escaped is not None:
-            raise call.escaped
-        return value
+        return call.outcome()
 
     def _interrupted(self, call: _Call[Any], exc: BaseException) -> None:
-        """Cancel *call* and wait until it has unwound, before *exc* is raised.
+        """Cancel *call* and wait until it has unwound, before *exc* (Ctrl-C) is raised.
 
         The wait is where a shielded submit finishes: its task reaches ``on_event``.
-        A second interrupt during it abandons the wait (``close()`` still waits).
+        A second interrupt during it abandons the wait (``close()`` still waits). A call
+        aborted before it started (the interrupt came while it was being spawned) never
+        runs: its task, if it was spawned at all, ends at its first step.
         """
-        call.future.cancel()
+        try:
+            started = self._portal.call(call.abort)
+        except RuntimeError:  # the portal stopped: close() already cancelled it
+            return
+        if not started:
+            return
         call.done.wait()
-        ended = call.error if call.error is not None else call.result
+        ended = call.error if call.error is not None else getattr(call, "result", None)
         if isinstance(ended, Task | ApimartError) and sys.version_info >= (3, 11):
             what = f"task {ended.id} ({ended.status.value})" if isinstance(ended, Task) else ended
             exc.add_note(f"apimart_async: the interrupted call had already ended with {what!r}")
@@ -486,7 +515,7 @@ class _Runner:
         held = _Held(acm)
         call = self._start(held.run)
         try:
-            value = self._wait(call, held.entered)
+            value = self._entered(call, held)
         except BaseException:
             self._forget(call)
             raise
@@ -501,6 +530,17 @@ class _Runner:
         else:
             self._leave(call, held, None)
 
+    def _entered(self, call: _Call[None], held: _Held[T]) -> T:
+        try:
+            return held.entered.result()
+        except CancelledError:
+            pass  # entering failed, or close() aborted it: the call says which
+        except BaseException as exc:
+            self._interrupted(call, exc)
+            raise
+        self._wait(call)
+        raise AssertionError("a batch that was never entered ended without an error")
+
     def _leave(self, call: _Call[None], held: _Held[Any], error: Exception | None) -> None:
         try:
             if not call.done.is_set():
@@ -509,7 +549,7 @@ class _Runner:
                     self._portal.call(held.leave.set)
                 except RuntimeError:  # the portal stopped: close() cancelled the hold
                     pass
-            self._wait(call, call.future)
+            self._wait(call)
         except Exception as exc:
             if error is None or _sole(exc) is not error:
                 raise
@@ -530,9 +570,7 @@ class _Runner:
                 calls = list(self._calls)
             if self._stopped:
                 return
-            for call in calls:
-                call.future.cancel()
-            for call in calls:
+            for call in self._portal.call(_abort_all, calls):
                 call.done.wait()
             try:
                 self._portal.call(self.client.aclose)
@@ -563,6 +601,11 @@ class _Held(Generic[T]):
         finally:
             if not self.entered.done():
                 self.entered.cancel()  # entering failed or was cancelled: the call says why
+
+
+def _abort_all(calls: list[_Call[Any]]) -> list[_Call[Any]]:
+    # On the loop: abort every call; the ones that had started, to wait for.
+    return [call for call in calls if call.abort()]
 
 
 def _finalize(runner: _Runner) -> None:

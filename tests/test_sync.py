@@ -235,6 +235,27 @@ def test_a_dropped_client_is_closed_by_the_garbage_collector(backend: str) -> No
     assert not thread.is_alive()
 
 
+def test_a_client_collected_on_its_own_thread_is_closed_from_another(backend: str) -> None:
+    """Collected by a gc pass on the client's own thread (which cannot join itself):
+    the close is handed to a short-lived thread, and the client's thread still ends."""
+    fake = FakeApimart(api_key=KEY)
+    client = make(fake)
+    client.generate(model=GEM, prompt="x")
+    runner = client._runner  # pyright: ignore[reportPrivateUsage]
+    (thread,) = [t for t in threading.enumerate() if t.ident == runner.thread_id]
+    client.cycle = client  # type: ignore[attr-defined]  # only the cyclic GC frees it
+    del client
+    gc.disable()  # no collection before the one on the client's thread
+    try:
+        runner._portal.call(gc.collect)  # pyright: ignore[reportPrivateUsage]
+    finally:
+        gc.enable()
+    thread.join(10)
+    assert not thread.is_alive() and runner.closed
+    for helper in [t for t in threading.enumerate() if t.name == "apimart-sync-close"]:
+        helper.join(10)
+
+
 # -- generate_many ---------------------------------------------------------------------
 
 
