@@ -33,6 +33,8 @@ What can go wrong, and what happens:
 
 from __future__ import annotations
 
+import enum
+import queue
 import sys
 import threading
 import weakref
@@ -78,6 +80,11 @@ __all__ = ["Apimart"]
 T = TypeVar("T")
 
 _CLOSED = "this Apimart client is closed; create a new one"
+_CLOSED_WHILE_RUNNING = "the Apimart client was closed (by another thread) while this call ran"
+# Outcomes a batch's pump may take before the caller asks for them, and how many must
+# be asked for before a parked pump is woken (see _Batch).
+_PREFETCH = 8
+_WAKE_AT = 4
 
 
 class Apimart:
@@ -306,9 +313,12 @@ class Apimart:
         ``with client.generate_many(requests) as outcomes: for o in outcomes: ...``,
         with everything ``AsyncApimart.generate_many`` promises: *requests* is read
         lazily (on the client's thread, so an iterator over a file or a generator
-        works; it must not call the client), one ``Outcome`` per item, and leaving the
-        block early (``break``, an exception, Ctrl-C) cancels the work still running
-        and returns once none is left. The pipelines run while your loop body does.
+        works; it must not call the client), one ``Outcome`` per item, at most
+        *concurrency* jobs at the service at once, and leaving the block early
+        (``break``, an exception, Ctrl-C) cancels the work still running and returns
+        once none is left. The pipelines run while your loop body does; the iterator
+        collects up to 8 finished outcomes ahead of you, so the input may be read that
+        many items further ahead than in the async client.
         """
         batch = self._client.generate_many(
             requests,
@@ -321,27 +331,8 @@ class Apimart:
             idempotency_keys=idempotency_keys,
             known_tasks=known_tasks,
         )
-        with self._runner.hold(batch) as outcomes:
-            yield _Outcomes(self._runner, outcomes)
-
-
-class _Outcomes:
-    """The plain iterator over a batch's async outcome stream: one loop call per item."""
-
-    __slots__ = ("_next", "_runner")
-
-    def __init__(self, runner: _Runner, outcomes: AsyncIterator[Outcome]) -> None:
-        self._runner = runner
-        self._next = outcomes.__anext__
-
-    def __iter__(self) -> _Outcomes:
-        return self
-
-    def __next__(self) -> Outcome:
-        try:
-            return self._runner.run(self._next)
-        except StopAsyncIteration:
-            raise StopIteration from None
+        with self._runner.batch(batch) as outcomes:
+            yield outcomes
 
 
 class _Call(Generic[T]):
@@ -401,9 +392,7 @@ class _Call(Generic[T]):
         if self.error is not None:
             raise self.error
         if self.scope is None or self.cancelled:
-            raise RuntimeError(
-                "the Apimart client was closed (by another thread) while this call ran"
-            )
+            raise RuntimeError(_CLOSED_WHILE_RUNNING)
         return self.result
 
 
@@ -502,53 +491,55 @@ class _Runner:
         with self._lock:
             self._calls.discard(call)
 
-    # -- async context managers (generate_many) ------------------------------------
+    # -- generate_many ---------------------------------------------------------------
 
     @contextmanager
-    def hold(self, acm: AbstractAsyncContextManager[T]) -> Generator[T, None, None]:
-        """Enter *acm* on the loop and keep it entered, in one task, until the block ends.
+    def batch(
+        self, acm: AbstractAsyncContextManager[AsyncIterator[Outcome]]
+    ) -> Generator[_Outcomes, None, None]:
+        """Enter a ``generate_many`` batch on the loop; iterate it from this thread.
 
-        An ``Exception`` from the block is passed into *acm* (as ``async with`` would);
-        anything else (Ctrl-C, ``GeneratorExit``) leaves it as a plain exit, since a
-        ``KeyboardInterrupt`` thrown into the loop would end the loop itself.
+        An ``Exception`` from the block is passed into the batch (as ``async with``
+        would); anything else (Ctrl-C, ``GeneratorExit``) leaves it as a plain exit,
+        since a ``KeyboardInterrupt`` thrown into the loop would end the loop itself.
+        Either way the block is left only once the batch has unwound.
         """
-        held = _Held(acm)
-        call = self._start(held.run)
+        batch = _Batch(acm)
+        call = self._start(batch.run)
         try:
-            value = self._entered(call, held)
+            self._entered(call, batch)
         except BaseException:
             self._forget(call)
             raise
         try:
-            yield value
+            yield _Outcomes(self, batch)
         except Exception as exc:
-            self._leave(call, held, exc)
+            self._leave(call, batch, exc)
             raise
         except BaseException:
-            self._leave(call, held, None)
+            self._leave(call, batch, None)
             raise
         else:
-            self._leave(call, held, None)
+            self._leave(call, batch, None)
 
-    def _entered(self, call: _Call[None], held: _Held[T]) -> T:
+    def _entered(self, call: _Call[None], batch: _Batch) -> None:
         try:
-            return held.entered.result()
+            batch.entered.result()
         except CancelledError:
             pass  # entering failed, or close() aborted it: the call says which
         except BaseException as exc:
             self._interrupted(call, exc)
             raise
+        else:
+            return
         self._wait(call)
         raise AssertionError("a batch that was never entered ended without an error")
 
-    def _leave(self, call: _Call[None], held: _Held[Any], error: Exception | None) -> None:
+    def _leave(self, call: _Call[None], batch: _Batch, error: Exception | None) -> None:
         try:
             if not call.done.is_set():
-                held.error = error
-                try:
-                    self._portal.call(held.leave.set)
-                except RuntimeError:  # the portal stopped: close() cancelled the hold
-                    pass
+                batch.error = error
+                self.wake(batch.leave)
             self._wait(call)
         except Exception as exc:
             if error is None or _sole(exc) is not error:
@@ -557,6 +548,13 @@ class _Runner:
             # wrapped it in a group of one): the caller raises it as it was.
         finally:
             self._forget(call)
+
+    def wake(self, event: anyio.Event) -> None:
+        """Set an event of the loop from this thread (nothing to do once it stopped)."""
+        try:
+            self._portal.call(event.set)
+        except RuntimeError:  # the portal stopped: close() has cancelled its waiter
+            pass
 
     # -- closing -------------------------------------------------------------------
 
@@ -579,28 +577,130 @@ class _Runner:
                 self._stopped = True
 
 
-class _Held(Generic[T]):
-    """An async context manager entered and exited by one task on the loop."""
+class _Batch:
+    """One ``generate_many`` batch on the loop, and the queue its outcomes cross by.
 
-    __slots__ = ("_acm", "entered", "error", "leave")
+    One task (``run``) enters the async batch, runs the pump and leaves it. The pump
+    moves outcomes into a thread-safe queue as the caller asks for them, up to
+    ``_PREFETCH`` ahead of the caller: a caller who keeps up then waits on the queue
+    alone, and a burst of outcomes costs it one wake-up, not a round trip through the
+    loop per outcome (each round trip is two thread switches, which cost more CPU than
+    the rest of a pipeline's client-side work). When the caller falls behind, the pump
+    parks, and is woken once per ``_WAKE_AT`` outcomes asked for, or when the caller
+    is about to wait. An outcome taken frees its job's slot, so the service still never
+    sees more than *concurrency* jobs at once; the read-ahead only lets the input be
+    read up to ``_PREFETCH`` items further ahead.
+    """
 
-    def __init__(self, acm: AbstractAsyncContextManager[T]) -> None:
+    __slots__ = (
+        "_acm",
+        "_credit",
+        "_lock",
+        "_parked",
+        "entered",
+        "error",
+        "finished",
+        "items",
+        "leave",
+    )
+
+    def __init__(self, acm: AbstractAsyncContextManager[AsyncIterator[Outcome]]) -> None:
         self._acm = acm
-        self.entered: Future[T] = Future()
+        self.entered: Future[None] = Future()
         self.error: Exception | None = None
         self.leave: anyio.Event
+        self.finished = False  # set on the loop once the batch has been left
+        self.items: queue.SimpleQueue[Outcome | _Marker] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # guards _credit and _parked, across both threads
+        self._credit = _PREFETCH  # outcomes the pump may take before they are asked for
+        self._parked: anyio.Event | None = None  # the pump waits for credit on it
 
     async def run(self) -> None:
+        """On the loop: enter the batch, pump until told to leave, leave it."""
         try:
-            async with self._acm as value:
+            async with self._acm as outcomes:
                 self.leave = anyio.Event()
-                self.entered.set_result(value)
-                await self.leave.wait()
+                self.entered.set_result(None)
+                async with anyio.create_task_group() as tg:
+                    tg.start_soon(self._pump, outcomes)
+                    await self.leave.wait()
+                    tg.cancel_scope.cancel()
                 if self.error is not None:
                     raise self.error
         finally:
             if not self.entered.done():
                 self.entered.cancel()  # entering failed or was cancelled: the call says why
+            self.finished = True
+            self.items.put(_Marker.CLOSED)
+
+    async def _pump(self, outcomes: AsyncIterator[Outcome]) -> None:
+        while True:
+            with self._lock:
+                parked = None
+                if self._credit:
+                    self._credit -= 1
+                else:
+                    parked = self._parked = anyio.Event()
+            if parked is not None:
+                await parked.wait()
+                continue
+            try:
+                outcome = await outcomes.__anext__()
+            except StopAsyncIteration:
+                self.items.put(_Marker.END)
+                return
+            self.items.put(outcome)
+
+    def ask(self) -> anyio.Event | None:
+        """From the caller: one more outcome wanted; the pump's event, if it is parked
+        and it is time to wake it (the caller is about to wait, or half the read-ahead
+        is free again: one wake-up per several outcomes, not one per outcome)."""
+        with self._lock:
+            self._credit += 1
+            parked = self._parked
+            # While parked the pump puts nothing, so an empty queue stays empty.
+            if parked is None or (self._credit < _WAKE_AT and not self.items.empty()):
+                return None
+            self._parked = None
+        return parked
+
+
+class _Marker(enum.Enum):
+    END = "end"  # every outcome was delivered
+    CLOSED = "closed"  # the batch was left (or the client closed): nothing more comes
+
+
+class _Outcomes:
+    """The caller's plain iterator over a batch's outcomes."""
+
+    __slots__ = ("_batch", "_runner")
+
+    def __init__(self, runner: _Runner, batch: _Batch) -> None:
+        self._runner = runner
+        self._batch = batch
+
+    def __iter__(self) -> _Outcomes:
+        return self
+
+    def __next__(self) -> Outcome:
+        if threading.get_ident() == self._runner.thread_id:
+            raise RuntimeError("a generate_many batch cannot be read on the client's thread")
+        batch = self._batch
+        item: Outcome | _Marker = _Marker.CLOSED
+        if not batch.finished:
+            parked = batch.ask()
+            if parked is not None:
+                self._runner.wake(parked)
+            item = batch.items.get()  # a Ctrl-C here leaves the block, which cancels
+        if isinstance(item, _Marker) or batch.finished:
+            # Once the batch is left, an outcome read ahead is dropped with the rest.
+            batch.items.put(item)  # for every later (or concurrent) reader too
+            if item is _Marker.END:
+                raise StopIteration
+            if self._runner.closed:
+                raise RuntimeError(_CLOSED_WHILE_RUNNING)
+            raise anyio.ClosedResourceError  # read after the block, as in the async client
+        return item
 
 
 def _abort_all(calls: list[_Call[Any]]) -> list[_Call[Any]]:

@@ -275,11 +275,32 @@ def test_generate_many_is_a_plain_iterator_reading_input_lazily(backend: str) ->
         assert not hasattr(outcomes, "__anext__")
         for outcome in outcomes:
             taken.append(outcome)
-            # A job stays in flight until its outcome is taken: reading ahead is bounded.
-            assert pulled <= len(taken) + 4
+            # A job holds its slot until its outcome is taken (the blocking iterator takes
+            # up to 8 ahead of the caller), so the input is read at most that far ahead.
+            assert pulled <= len(taken) + 4 + 8
     assert sorted(o.index for o in taken) == list(range(30))
     assert all(o.ok and o.task is not None for o in taken)
     assert fake.stats.tasks_created == 30
+    assert fake.stats.max_in_flight <= 4  # the service never saw more than concurrency
+
+
+def test_a_slow_reader_parks_the_batch_and_wakes_it(backend: str) -> None:
+    """A reader that falls behind: the batch stops once 8 outcomes wait for it, resumes
+    as they are read, and every outcome arrives exactly once."""
+    fake = FakeApimart(api_key=KEY)
+    with make(fake) as client, client.generate_many(jobs(40), concurrency=2) as outcomes:
+        first = next(outcomes)
+        batch = outcomes._batch  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while batch._parked is None:  # the read-ahead is full: the pump waits for us
+            assert time.monotonic() < deadline, "the batch never parked"
+            time.sleep(0.001)
+        assert batch.items.qsize() == 8
+        created = fake.stats.tasks_created
+        assert created <= 1 + 8 + 2  # read, read ahead, and the two slots
+        rest = list(outcomes)
+    assert sorted(o.index for o in [first, *rest]) == list(range(40))
+    assert fake.stats.tasks_created == 40
 
 
 def test_generate_many_early_exit_cancels_the_rest(backend: str) -> None:
