@@ -413,7 +413,7 @@ class _Runner:
         self._portal = self._portal_cm.__enter__()
         try:
             self.thread_id = self._portal.call(_adopt_thread)
-            self.client: AsyncApimart = client or self._portal.call(build)
+            self.client = client if client is not None else self._portal.call(build)
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
             raise
@@ -694,8 +694,9 @@ class _Outcomes:
             item = batch.items.get()  # a Ctrl-C here leaves the block, which cancels
         if isinstance(item, _Marker) or batch.finished:
             # Once the batch is left, an outcome read ahead is dropped with the rest.
-            batch.items.put(item)  # for every later (or concurrent) reader too
-            if item is _Marker.END:
+            marker = item if isinstance(item, _Marker) else _Marker.CLOSED
+            batch.items.put(marker)  # for every later (or concurrent) reader too
+            if marker is _Marker.END:
                 raise StopIteration
             if self._runner.closed:
                 raise RuntimeError(_CLOSED_WHILE_RUNNING)
