@@ -33,6 +33,7 @@ What can go wrong, and what happens:
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import queue
 import sys
@@ -85,6 +86,7 @@ _CLOSED_WHILE_RUNNING = "the Apimart client was closed (by another thread) while
 # be asked for before a parked pump is woken (see _Batch).
 _PREFETCH = 8
 _WAKE_AT = 4
+_WORKER_JOIN_TIMEOUT = 30.0
 
 
 class Apimart:
@@ -413,6 +415,7 @@ class _Runner:
         self._portal = self._portal_cm.__enter__()
         try:
             self.thread_id = self._portal.call(_adopt_thread)
+            self._asyncio_loop = self._portal.call(_asyncio_loop)
             self.client = client if client is not None else self._portal.call(build)
         except BaseException:
             self._portal_cm.__exit__(None, None, None)
@@ -575,6 +578,11 @@ class _Runner:
             finally:
                 self._portal_cm.__exit__(None, None, None)  # stops the loop, joins the thread
                 self._stopped = True
+            # anyio's worker threads on asyncio (file reads and writes) are told to stop
+            # when the loop ends but nobody joins them; they belong to this client. One
+            # stuck in a blocking read is left to end on its own (it is a daemon thread).
+            for worker in _workers_of(self._asyncio_loop):
+                worker.join(_WORKER_JOIN_TIMEOUT)
 
 
 class _Batch:
@@ -726,6 +734,24 @@ def _sole(exc: BaseException) -> BaseException:
         if len(members) != 1 or not isinstance(members[0], BaseException):
             return exc
         exc = members[0]
+
+
+def _asyncio_loop() -> object | None:
+    # Runs on the portal's thread: its asyncio loop, or None (trio).
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _workers_of(loop: object | None) -> list[threading.Thread]:
+    """The worker threads anyio started for *loop* (they keep a ``loop`` reference)."""
+    if loop is None:
+        return []  # trio's thread cache is process-wide: its idle threads are trio's
+    current = threading.current_thread()
+    return [
+        t for t in threading.enumerate() if t is not current and getattr(t, "loop", None) is loop
+    ]
 
 
 def _adopt_thread() -> int:

@@ -49,12 +49,12 @@ def _no_thread_left() -> Iterator[None]:
     before = set(threading.enumerate())
     yield
     gc.collect()  # a client dropped without close() is closed by its finalizer
-    left = [
-        t.name
-        for t in set(threading.enumerate()) - before
-        if not (t.daemon and t.name.startswith("Trio thread"))
-    ]
-    assert left == []
+    assert [t.name for t in set(threading.enumerate()) - before if not trio_cache(t)] == []
+
+
+def trio_cache(thread: threading.Thread) -> bool:
+    """Whether *thread* is one of trio's process-wide cached worker threads."""
+    return thread.daemon and thread.name.startswith("Trio thread")
 
 
 def make(fake: FakeApimart | httpx.AsyncBaseTransport, **kw: Any) -> Apimart:
@@ -124,6 +124,7 @@ def test_every_method_blocks_and_returns_the_async_results(backend: str, tmp_pat
     fake = FakeApimart(api_key=KEY)
     ref = tmp_path / "ref.png"
     ref.write_bytes(png(seed=3))
+    before = set(threading.enumerate())
     with make(fake) as client:
         up = client.upload_image(png(seed=1))
         assert isinstance(up, am.UploadedImage) and fake.stored_upload(up.url) == png(seed=1)
@@ -138,6 +139,8 @@ def test_every_method_blocks_and_returns_the_async_results(backend: str, tmp_pat
         again = client.generate(model=GEM, prompt="from a file", image_urls=[ref])
         assert again.status is am.TaskStatus.COMPLETED
     assert fake.stats.uploads == 2 and fake.stats.tasks_created == 2
+    # The file was read in a worker thread of the client's loop: gone with the client.
+    assert [t.name for t in set(threading.enumerate()) - before if not trio_cache(t)] == []
 
 
 def test_errors_are_the_async_clients(backend: str) -> None:
