@@ -530,8 +530,10 @@ def test_close_from_another_thread_cancels_running_calls(backend: str) -> None:
     waiters = [threading.Thread(target=wait_forever), threading.Thread(target=batch_forever)]
     for waiter in waiters:
         waiter.start()
-    batch_started.wait(10)
+    assert batch_started.wait(10)
+    deadline = time.monotonic() + 10
     while fake.stats.polls_by_task.get(stuck.id, 0) < 2:  # the wait is polling
+        assert time.monotonic() < deadline, "the wait never polled"
         time.sleep(0.001)
     client.close()
     for waiter in waiters:
