@@ -20,7 +20,7 @@ def install_group(session: nox.Session, *groups: str) -> None:
 @nox.session
 def tests(session: nox.Session) -> None:
     """The test suite on asyncio and trio (each async test runs on both)."""
-    session.install("-e", ".[fast,server,cli]")
+    session.install("-e", ".[fast,server,cli,otel]")
     install_group(session, "tests")
     session.run("python", "-m", "pytest", *session.posargs)
 
@@ -36,15 +36,15 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy --strict and pyright (strict) on the package."""
-    session.install("-e", ".[fast,server,cli]")
+    session.install("-e", ".[fast,server,cli,otel]")
     install_group(session, "typing")
-    session.run("mypy", "--strict", "apimart_async")
-    session.run("pyright", "apimart_async")
+    session.run("mypy", "--strict", "apimart_async", "tests/typecheck")
+    session.run("pyright", "apimart_async", "tests/typecheck")
 
 
 @nox.session
 def bench(session: nox.Session) -> None:
     """Benchmarks against raw httpx and raw aiohttp (pass --quick for a short run)."""
-    session.install("-e", ".[fast,server,cli]")
+    session.install("-e", ".[fast,server,cli,otel]")
     install_group(session, "bench")
     session.run("python", "-m", "benchmarks", *session.posargs)

@@ -15,7 +15,7 @@ Public submodules: ``apimart_async.models`` (per-model request models),
 from __future__ import annotations
 
 from ._client import NOT_GIVEN, AsyncApimart
-from ._config import Limits, PollPolicy, RetryPolicy
+from ._config import DEFAULT_WAIT_TIMEOUT, Limits, PollPolicy, RetryPolicy
 from ._exceptions import (
     APIConnectionError,
     ApimartError,
@@ -28,11 +28,13 @@ from ._exceptions import (
     InsufficientBalanceError,
     InvalidImageError,
     InvalidRequestError,
+    MissingAPIKeyError,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
     RateLimitError,
     ResultExpiredError,
+    ResultMissingError,
     ServerError,
     SubmissionUncertainError,
     TaskCancelledError,
@@ -46,6 +48,7 @@ from ._version import __version__
 from .types import Event, Outcome, Task, TaskStatus, UploadedImage
 
 __all__ = [
+    "DEFAULT_WAIT_TIMEOUT",
     "NOT_GIVEN",
     "APIConnectionError",
     "APIResponseValidationError",
@@ -62,6 +65,7 @@ __all__ = [
     "InvalidImageError",
     "InvalidRequestError",
     "Limits",
+    "MissingAPIKeyError",
     "NotFoundError",
     "Outcome",
     "PayloadTooLargeError",
@@ -69,6 +73,7 @@ __all__ = [
     "PollPolicy",
     "RateLimitError",
     "ResultExpiredError",
+    "ResultMissingError",
     "RetryPolicy",
     "ServerError",
     "SubmissionUncertainError",

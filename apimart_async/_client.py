@@ -1,59 +1,37 @@
 """``AsyncApimart``: one client, one connection pool, limits that hold across every call.
 
-The client composes the single-concern modules: ``_http`` (sending, errors, retries),
-``_uploads`` (image sources, dedup), ``_polling`` (when to ask again), ``_download``
-(results to disk) and ``_pipeline`` (many jobs at once). It reads top to bottom as
-upload → submit → get_task → wait → generate → download → generate_many.
+The public API and its composition, top to bottom: configuration, lifecycle, then
+upload → submit → get_task → wait → generate → download → generate_many. Each method
+is a short driver of the job engine (``_jobs``), which owns the stages; the pieces it
+composes are ``_transport`` (the network seam), ``_http`` (API requests), ``_retry``
+(what is retried, and how), ``_submits`` (paid submits out of callers' reach),
+``_polling`` (when to ask again, the poll budget), ``_uploads``, ``_download`` and
+``_pipeline`` (many jobs at once).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import enum
-import json
-import math
-import random
+from asyncio import _get_running_loop  # pyright: ignore[reportPrivateUsage]
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
-from urllib.parse import quote
 
 import anyio
-import httpx
 
-from . import _config
-from ._clock import now
+from . import _config, _jobs
 from ._config import Limits, PollPolicy, RetryPolicy
 from ._download import download_images
-from ._events import EventHandler, checked_key, emit, report_failure
-from ._exceptions import (
-    ApimartError,
-    APIResponseValidationError,
-    APITimeoutError,
-    SubmissionUncertainError,
-    TaskCancelledError,
-    TaskFailedError,
-    TaskTimeoutError,
-)
-from ._http import HttpCore, idempotent_hook, is_ambiguous, is_transient, submit_hook
-from ._parsing import parse_submit, parse_task, parse_upload
-from ._pipeline import JobState, Pipeline
-from ._polling import PollSchedule, RateLimiter
-from ._transports import default_transport
-from ._uploads import UploadCache, multipart_body, multipart_parts, prepare_image
+from ._events import checked_key, emit
+from ._http import HttpCore
+from ._pipeline import Pipeline
+from ._runtime import current_loop, loop_mismatch
+from ._telemetry import Telemetry
+from ._transport import open_transport
+from ._uploads import prepare_image
 from ._version import __version__
 from .models import BaseImageRequest, parse_request
-from .types import (
-    CompletedEvent,
-    DownloadedEvent,
-    Event,
-    Outcome,
-    ProgressEvent,
-    SubmittedEvent,
-    Task,
-    TaskStatus,
-    UploadedEvent,
-    UploadedImage,
-)
+from .types import DownloadedEvent, Task, TaskStatus
 
 if TYPE_CHECKING:
     import os
@@ -69,16 +47,14 @@ if TYPE_CHECKING:
     from pathlib import Path
     from typing import IO
 
+    import httpx
     from typing_extensions import Self
 
-    from ._uploads import PreparedImage
+    from ._events import EventHandler
+    from ._transport import Backend
+    from .types import Outcome, UploadedImage
 
 __all__ = ["NOT_GIVEN", "AsyncApimart"]
-
-
-class _State(enum.Enum):
-    OPEN = "open"  # constructed; usable with or without ``async with``
-    CLOSED = "closed"  # after aclose(); every call raises RuntimeError
 
 
 class _Unset(enum.Enum):
@@ -100,23 +76,29 @@ class AsyncApimart:
     client-wide limits (concurrent uploads, submits, downloads, and a poll budget), so
     limits hold across concurrent ``generate`` calls, ``generate_many`` batches and web
     requests. Use ``async with`` or call ``aclose()``; a borrowed *http_client* is never
-    closed by us.
+    closed by us. A client belongs to the event loop it first runs on; from synchronous
+    code use ``Apimart``.
 
     Args:
-        api_key: falls back to ``APIMART_API_KEY``; missing is a ``ValueError`` now,
-            not a 401 later. It is sent only to the API origin and never shown.
+        api_key: falls back to ``APIMART_API_KEY``; missing is a ``MissingAPIKeyError``
+            (a ``ValueError``) now, not a 401 later. Sent only to the API origin.
         base_url: falls back to ``APIMART_BASE_URL``, then ``https://api.apimart.ai``.
         timeout: per HTTP request (float seconds or ``httpx.Timeout``).
         max_retries: retries of safe calls (the first attempt not counted).
         retry: a full ``RetryPolicy`` (overrides *max_retries*).
-        poll: the ``PollPolicy`` for ``wait``; ``PollPolicy().scaled(0.001)`` in tests.
+        poll: the ``PollPolicy`` for waiting; ``PollPolicy().scaled(0.001)`` in tests.
         limits: client-wide ``Limits``; *max_connections* overrides the pool size.
         wait_timeout: default deadline of ``wait``/``generate`` (seconds; None: none).
         retry_uncertain_submits: resend a submit whose outcome is unknown, with the
             same ``Idempotency-Key``. Safe only where the service honours keys; off by
             default, so ambiguity raises ``SubmissionUncertainError`` instead.
-        http_client: a borrowed ``httpx.AsyncClient`` (its limits are its own).
-        transport: an ``httpx.AsyncBaseTransport`` for our own client (tests: the fake).
+        submit_shield: how long a submit already on the wire goes on after its caller
+            is cancelled (or the client closes), so its task id is still heard.
+        http_client: a borrowed ``httpx.AsyncClient`` (its limits and proxies are its
+            own; its auth, default headers and cookies never reach result hosts).
+        transport: an ``httpx.AsyncBaseTransport`` for our own pool (tests: the fake).
+        transport_backend: ``"auto"`` (aiohttp on asyncio when the ``fast`` extra is
+            installed, else httpx), ``"aiohttp"`` or ``"httpx"``.
         headers: extra headers for API requests.
     """
 
@@ -133,83 +115,55 @@ class AsyncApimart:
         max_connections: int | None = None,
         wait_timeout: float | None = _config.DEFAULT_WAIT_TIMEOUT,
         retry_uncertain_submits: bool = False,
+        submit_shield: float = _config.SUBMIT_SHIELD,
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        transport_backend: Backend = "auto",
         headers: Mapping[str, str] | None = None,
         max_response_bytes: int = _config.MAX_RESPONSE_BYTES,
         max_download_bytes: int = _config.MAX_DOWNLOAD_BYTES,
     ) -> None:
-        api_key = api_key or _config.env(_config.ENV_API_KEY)
-        if not api_key:
-            raise ValueError(
-                "no API key: pass AsyncApimart(api_key=...) or set the APIMART_API_KEY "
-                "environment variable"
-            )
-        if http_client is not None and transport is not None:
-            raise ValueError("pass either http_client or transport, not both")
-        base = httpx.URL(
-            str(base_url or _config.env(_config.ENV_BASE_URL) or _config.DEFAULT_BASE_URL)
-        )
-        if base.scheme not in ("http", "https") or not base.host:
-            raise ValueError(f"base_url must be an absolute http(s) URL, got {str(base)!r}")
-        self._base_url = base
+        key = _config.resolve_api_key(api_key)
+        self._base_url = _config.resolve_base_url(base_url)
         self._limits = limits or Limits()
         if max_connections is not None:
             self._limits = dataclasses.replace(self._limits, max_connections=max_connections)
-        self._retry = retry or RetryPolicy(attempts=max_retries + 1)
         self._poll_policy = poll or PollPolicy()
         self._wait_timeout = wait_timeout
-        self._timeout = timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
-        self._owns_http = http_client is None
-        own_transport: httpx.AsyncBaseTransport | None = None
-        if http_client is None:
-            pool = httpx.Limits(
-                max_connections=self._limits.connections,
-                max_keepalive_connections=self._limits.connections,
-            )
-            if transport is not None:
-                own_transport = transport
-            elif not _proxy_from_env():
-                own_transport = default_transport(pool)
-            # With a proxy configured in the environment, httpx builds its own
-            # proxy-aware transports (it ignores the environment once given one).
-            http_client = httpx.AsyncClient(
-                transport=own_transport,
-                limits=pool,
-                timeout=self._timeout,
-                follow_redirects=False,
-                trust_env=True,
-            )
-        self._http = HttpCore(
-            http_client,
-            transport=own_transport,
-            base_url=base,
-            api_key=api_key,
-            retry=self._retry,
-            timeout=self._timeout,
+        request_timeout = _config.resolve_timeout(timeout)
+        telemetry = Telemetry.for_client()
+        net = open_transport(
+            connections=self._limits.connections,
+            backend=transport_backend,
+            http_client=http_client,
+            transport=transport,
+            api_origin=str(self._base_url).rstrip("/"),
+        )
+        http = HttpCore(
+            net,
+            base_url=self._base_url,
+            api_key=key,
+            timeout=request_timeout,
             max_response_bytes=max_response_bytes,
             headers={
                 "User-Agent": f"{_config.USER_AGENT_PREFIX}/{__version__}",
                 "Accept": "application/json",
                 **(headers or {}),
             },
+            telemetry=telemetry,
         )
-        self._max_download = max_download_bytes
-        self._state = _State.OPEN
-        self._idempotent = self._http.caller(idempotent_hook(self._retry.retry_after_max))
-        self._submit_call = self._http.caller(
-            submit_hook(self._retry.retry_after_max, retry_ambiguous=retry_uncertain_submits)
+        self._res = _jobs.Resources(
+            http,
+            limits=self._limits,
+            retry=retry or RetryPolicy(attempts=max_retries + 1),
+            poll=self._poll_policy,
+            submit_shield=submit_shield,
+            retry_uncertain_submits=retry_uncertain_submits,
+            download_timeout=request_timeout,
+            max_download=max_download_bytes,
         )
-        # Semaphores with fast_acquire rather than CapacityLimiters: a free slot is taken
-        # without a trip through the event loop, which a limiter makes on every acquire
-        # (three per pipeline). Every holder awaits I/O, so nothing can starve the loop.
-        self._upload_limiter = anyio.Semaphore(self._limits.uploads, fast_acquire=True)
-        self._submit_limiter = anyio.Semaphore(self._limits.submits, fast_acquire=True)
-        self._download_limiter = anyio.Semaphore(self._limits.downloads, fast_acquire=True)
-        self._poll_limiter = anyio.Semaphore(self._limits.polls_in_flight, fast_acquire=True)
-        self._poll_budget = RateLimiter(self._limits.poll_rate, self._limits.poll_burst)
-        self._upload_cache = UploadCache(_config.UPLOAD_REUSE_MARGIN)
-        self._random = random.Random()
+        self._closed = False
+        self._loop: object = None  # the event loop of the first call
 
     # -- lifecycle -----------------------------------------------------------------
 
@@ -221,29 +175,46 @@ class AsyncApimart:
         await self.aclose()
 
     async def aclose(self) -> None:
-        """Close the connection pool if we created it. Safe to call twice."""
-        if self._state is _State.CLOSED:
+        """Close the client: hear out submits on the wire, then close the pool.
+
+        Submits still in flight get up to *submit_shield* seconds to answer (their
+        task ids then reach their callers or ``orphaned_tasks()``); what does not
+        answer is logged with its idempotency key. A borrowed *http_client* is left
+        open. Safe to call twice.
+        """
+        if self._closed:
             return
-        self._state = _State.CLOSED
-        if self._owns_http:
-            with anyio.CancelScope(shield=True):
-                await self._http.client.aclose()
+        self._closed = True
+        if self._loop is not None:
+            self._check_loop()
+        with anyio.CancelScope(shield=True):
+            await self._res.keeper.aclose()
+            await self._res.http.aclose()
 
     @property
     def is_closed(self) -> bool:
         """Whether ``aclose()`` was called."""
-        return self._state is _State.CLOSED
+        return self._closed
 
     def _check_open(self) -> None:
-        if self._state is _State.CLOSED:
+        if self._closed:
             raise RuntimeError("this AsyncApimart client is closed; create a new one")
+        self._check_loop()
+
+    def _check_loop(self) -> None:
+        loop = _get_running_loop() or current_loop()
+        if self._loop is None:
+            self._loop = loop
+        elif loop is not self._loop:
+            raise loop_mismatch("AsyncApimart")
 
     def __repr__(self) -> str:
         limits = self._limits
+        state = "closed" if self._closed else "open"
         return (
             f"<AsyncApimart base_url={str(self._base_url)!r} uploads={limits.uploads} "
             f"submits={limits.submits} poll_rate={limits.poll_rate:g}/s "
-            f"downloads={limits.downloads} state={self._state.value}>"
+            f"downloads={limits.downloads} state={state}>"
         )
 
     @property
@@ -258,8 +229,19 @@ class AsyncApimart:
 
     @property
     def poll_policy(self) -> PollPolicy:
-        """The schedule ``wait`` uses."""
+        """The schedule waiting uses."""
         return self._poll_policy
+
+    def orphaned_tasks(self) -> list[Task]:
+        """Take the tasks whose submit finished after its caller was cancelled.
+
+        A submit on the wire is heard out even when its caller is cancelled (a web
+        request aborted, ``asyncio.wait_for`` expiring); the task it created is
+        reported to the caller's ``on_event`` (a ``SubmittedEvent``), logged at
+        WARNING, and kept here until collected, so an app can adopt it
+        (``wait(task.id)``). Each task is returned once.
+        """
+        return self._res.keeper.orphans()
 
     # -- upload --------------------------------------------------------------------
 
@@ -283,52 +265,10 @@ class AsyncApimart:
             PayloadTooLargeError, BadRequestError, ...: the service refused it.
             APIConnectionError: the network failed after retries.
         """
-        image, _ = await self._upload(source, filename=filename, cache=cache)
-        return image
-
-    async def _upload(
-        self, source: Any, *, filename: str | None = None, cache: bool = True
-    ) -> tuple[UploadedImage, bool]:
         self._check_open()
-        return await self._upload_prepared(await prepare_image(source, filename=filename), cache)
-
-    async def _upload_prepared(
-        self, prepared: PreparedImage, cache: bool = True
-    ) -> tuple[UploadedImage, bool]:
-        if not cache:
-            return await self._send_upload(prepared), False
-        return await self._upload_cache.get_or_upload(
-            prepared.sha256, lambda: self._send_upload(prepared)
-        )
-
-    async def _send_upload(self, image: PreparedImage) -> UploadedImage:
-        content_type, preamble, epilogue = multipart_parts(image)
-        headers = {
-            "Content-Type": content_type,
-            "Content-Length": str(len(preamble) + image.size + len(epilogue)),
-        }
-        async with self._upload_limiter:
-            if image.data is not None:
-                body = await self._idempotent(
-                    self._post_upload, preamble + image.data + epilogue, headers
-                )
-            else:
-                # A stream cannot be replayed: the file is read afresh per attempt.
-                body = await self._idempotent(
-                    lambda: self._post_upload(multipart_body(image, preamble, epilogue), headers)
-                )
-        return parse_upload(body, sha256=image.sha256)
-
-    async def _post_upload(
-        self, content: bytes | AsyncIterable[bytes], headers: dict[str, str]
-    ) -> Any:
-        return await self._http.request_json(
-            "POST",
-            "/v1/uploads/images",
-            content=content,
-            headers=headers,
-            timeout=_config.DEFAULT_UPLOAD_TIMEOUT,
-        )
+        image = await prepare_image(source, filename=filename)
+        uploaded, _ = await _jobs.upload(self._res, image, cache=cache)
+        return uploaded
 
     # -- submit / query ------------------------------------------------------------
 
@@ -338,6 +278,7 @@ class AsyncApimart:
         /,
         *,
         idempotency_key: str | None = None,
+        on_event: EventHandler | None = None,
         allow_unknown: bool = False,
         **params: Any,
     ) -> Task:
@@ -346,11 +287,11 @@ class AsyncApimart:
         The request is validated for its model first (kwargs, a dict or a model from
         ``apimart_async.models``); image entries must already be URLs (``generate``
         uploads local files for you). Every attempt carries the same
-        ``Idempotency-Key`` (*idempotency_key*, or a fresh one). The submit is retried
-        only when the service provably did nothing (connection never established,
-        429, 503, ``get_channel_failed``). The request runs to its end even if the
-        caller is cancelled meanwhile (for at most ``SUBMIT_SHIELD`` seconds), so a
-        created task is never silently lost.
+        ``Idempotency-Key`` (*idempotency_key*, or a fresh one) and is announced to
+        *on_event* first (``SubmittingEvent``). The submit is retried only when the
+        service provably did nothing (connection never established, 429, 503,
+        ``get_channel_failed``). Cancelling the caller does not cut a request already
+        on the wire: see ``orphaned_tasks``.
 
         Raises:
             InvalidRequestError: invalid parameters for the model (before any I/O).
@@ -359,65 +300,21 @@ class AsyncApimart:
         """
         self._check_open()
         req = parse_request(request, allow_unknown=allow_unknown, **params)
-        return await self._submit(req.to_body(), checked_key(idempotency_key))
-
-    async def _submit(self, body: dict[str, Any], key: str) -> Task:
-        # Serialised once: every retry sends byte-identical JSON under the same key.
-        content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-        headers = {
-            "Content-Type": "application/json",
-            "Idempotency-Key": key,
-            "X-APIMart-Response-Version": _config.RESPONSE_VERSION,
-        }
-
-        data: Any = None
-        failure: ApimartError | None = None
-        async with self._submit_limiter:
-            # Shielded: once bytes may be on the wire, we stay to hear the answer, so a
-            # cancelled caller still learns the task id (or that it is uncertain).
-            with anyio.CancelScope(shield=True) as shield:
-                shield.deadline = now() + _config.SUBMIT_SHIELD
-                try:
-                    data = await self._submit_call(
-                        self._http.request_json,
-                        "POST",
-                        "/v1/images/generations",
-                        content=content,
-                        headers=headers,
-                    )
-                except ApimartError as exc:
-                    failure = exc
-        if failure is not None:
-            if is_ambiguous(failure):
-                raise SubmissionUncertainError(
-                    idempotency_key=key, request=body, reason=str(failure)
-                ) from failure
-            raise failure
-        if shield.cancelled_caught:
-            raise SubmissionUncertainError(
-                idempotency_key=key,
-                request=body,
-                reason=f"no answer within {_config.SUBMIT_SHIELD:g}s",
-            )
-        try:
-            task_id, status, raw = parse_submit(data)
-        except APIResponseValidationError as exc:
-            # The service answered 2xx: it acted, but we cannot tell on which task.
-            raise SubmissionUncertainError(
-                idempotency_key=key, request=body, reason=str(exc)
-            ) from exc
-        return Task(id=task_id, status=status, raw=raw)
+        key = checked_key(idempotency_key)
+        job = _jobs.Job(request=req, key=key, timeout=None, on_event=on_event)
+        return await _jobs.submit(self._res, job)
 
     async def get_task(self, task_id: str) -> Task:
         """The task's current state (one query, retried on transient failures).
+
+        Task queries draw from the client-wide poll budget (``Limits.poll_rate``).
 
         Raises:
             BadRequestError: the service does not know the id (it answers 400).
             APIResponseValidationError: the body fit no known shape, after retries.
         """
         self._check_open()
-        path = f"/v1/tasks/{_task_path(task_id)}"
-        return parse_task(await self._idempotent(self._http.request_json, "GET", path))
+        return await _jobs.query(self._res, _jobs.task_path(task_id))
 
     # -- wait ----------------------------------------------------------------------
 
@@ -432,117 +329,39 @@ class AsyncApimart:
 
         Given a ``Task`` fresh from ``submit``, the first poll waits a moment; given an
         id (resuming), it polls at once. The schedule adapts (see ``PollPolicy``) and
-        every poll draws from the client-wide poll budget. Transient query failures are
-        retried and, if they persist, polling goes on until the deadline, so a brief
-        outage never loses a task. An unknown status keeps polling until the deadline.
+        every query draws from the client-wide poll budget. Transient query failures
+        are retried and, if they persist, polling goes on until the deadline, so a
+        brief outage never loses a task. An unknown status keeps polling until the
+        deadline; a completed task without result URLs is asked about a few times more.
 
         Raises:
             TaskFailedError: the service failed the task (``.reason``, ``.task``).
             TaskCancelledError: the service cancelled it.
+            ResultMissingError: completed, but no result URL was ever listed.
             TaskTimeoutError: *timeout* passed first; resume with ``wait(err.task_id)``.
         """
         self._check_open()
-        limit = self._wait_timeout if isinstance(timeout, _Unset) else timeout
         fresh = isinstance(task, Task)
-        state = JobState(task if isinstance(task, Task) else None)
-        task_id = task.id if isinstance(task, Task) else _checked_id(task)
-        deadline = math.inf if limit is None else now() + limit
-        return await self._wait_until(task_id, state, fresh, deadline, limit, on_event)
-
-    async def _wait_until(
-        self,
-        task_id: str,
-        state: JobState,
-        fresh: bool,
-        deadline: float,
-        timeout: float | None,
-        on_event: EventHandler | None,
-    ) -> Task:
-        """Poll until terminal or *deadline* (loop clock); *timeout* is for the error."""
-        with anyio.CancelScope(deadline=deadline):
-            return await self._poll(task_id, state, fresh, now(), on_event, None)
-        raise TaskTimeoutError(task_id=task_id, task=state.task, timeout=timeout)
-
-    async def _poll(
-        self,
-        task_id: str,
-        state: JobState,
-        fresh: bool,
-        started: float,
-        on_event: EventHandler | None,
-        job: int | None,
-    ) -> Task:
-        """The body of ``wait``, with no deadline of its own: the caller's scope has it.
-
-        *state* learns every task seen, so a deadline can report the last one.
-        """
-        schedule = PollSchedule(self._poll_policy, started, self._random)
-        last = state.task
-        delay: float | None = 0.0
-        if fresh:
-            delay = schedule.first_delay(last.estimated_time if last else None)
-        while delay is not None:
-            if delay > 0:
-                await anyio.sleep(delay)
-            await self._poll_budget.acquire()
-            delay = await self._poll_once(task_id, state, schedule, started, on_event, job)
-        return await self._finish_wait(task_id, state, started, on_event, job)
-
-    async def _poll_once(
-        self,
-        task_id: str,
-        state: JobState,
-        schedule: PollSchedule,
-        started: float,
-        on_event: EventHandler | None,
-        job: int | None,
-    ) -> float | None:
-        """One query of a waiting task (its poll budget already drawn): the delay until
-        the next one, or None once the task is terminal (it is then in *state*).
-
-        A transient failure that outlived its retries is not an error here: the task is
-        still there, so the next query is merely scheduled.
-        """
-        try:
-            async with self._poll_limiter:
-                current = await self.get_task(task_id)
-        except ApimartError as exc:
-            if not is_transient(exc):
-                raise
-            last = state.task or Task(id=task_id, status=TaskStatus.UNKNOWN)
-            return schedule.next_delay(last, now())
-        state.task = current
-        if on_event is not None:
-            elapsed = now() - started
-            event = ProgressEvent(task_id, current.status, current.progress, elapsed, job)
-            await emit(on_event, event)
-        if current.status.is_terminal:
-            return None
-        return schedule.next_delay(current, now())
-
-    async def _finish_wait(
-        self,
-        task_id: str,
-        state: JobState,
-        started: float,
-        on_event: EventHandler | None,
-        job: int | None,
-    ) -> Task:
-        """The end of a wait on a terminal task: completed is returned, the rest raised."""
-        last = state.task
-        assert last is not None
-        if last.status is TaskStatus.COMPLETED:
-            await emit(on_event, CompletedEvent(last, now() - started, job))
-            return last
-        if last.status is TaskStatus.CANCELLED:
-            raise TaskCancelledError(task_id=task_id, task=last)
-        error = last.error
-        raise TaskFailedError(
-            task_id=task_id,
-            task=last,
-            reason=error.message if error else "the service gave no reason",
-            code=error.code if error else None,
+        if not isinstance(task, Task):
+            task = Task(id=_jobs.checked_task_id(task), status=TaskStatus.UNKNOWN)
+        job = _jobs.Job(
+            task=task,
+            fresh=fresh,
+            key="",
+            timeout=self._deadline(timeout),
+            on_event=on_event,
         )
+        _jobs.open_span(self._res, job, "apimart.wait")
+        try:
+            done = await _jobs.wait(self._res, job)
+        except BaseException as exc:
+            _jobs.close_span(self._res, job, exc)
+            raise
+        _jobs.close_span(self._res, job)
+        return done
+
+    def _deadline(self, timeout: float | None | _Unset) -> float | None:
+        return self._wait_timeout if isinstance(timeout, _Unset) else timeout
 
     # -- generate ------------------------------------------------------------------
 
@@ -561,8 +380,9 @@ class AsyncApimart:
 
         ``image_urls`` entries that are ``pathlib.Path`` or ``bytes`` are uploaded first
         (deduplicated); strings must be http(s) URLs, or data URIs for models that take
-        them. *timeout* is the deadline of the whole pipeline. Call options are
-        keyword-only and never mistaken for request fields.
+        them. *timeout* is the deadline of the whole pipeline; it never cuts a submit
+        on the wire short (its task is then reported in the ``TaskTimeoutError``).
+        Call options are keyword-only and never mistaken for request fields.
 
         Raises:
             InvalidRequestError / InvalidImageError: before any request.
@@ -570,131 +390,26 @@ class AsyncApimart:
         """
         self._check_open()
         req = parse_request(request, allow_unknown=allow_unknown, **params)
-        key = checked_key(idempotency_key)
-        limit = self._wait_timeout if isinstance(timeout, _Unset) else timeout
-        state = JobState()
-        started = now()
+        job = _jobs.Job(
+            request=req,
+            key=checked_key(idempotency_key),
+            timeout=self._deadline(timeout),
+            on_event=on_event,
+        )
+        res = self._res
+        _jobs.open_span(res, job, "apimart.generate")
         try:
-            return await self._run_pipeline(
-                req, key=key, timeout=limit, on_event=on_event, state=state
-            )
+            await _jobs.start(res, job)
+            task = await _jobs.wait(res, job)
         except Exception as exc:
-            await report_failure(on_event, exc, state.task, started, None)
+            await _jobs.fail(job, exc)
+            _jobs.close_span(res, job, exc)
             raise
-
-    async def _run_pipeline(
-        self,
-        req: BaseImageRequest,
-        *,
-        key: str,
-        timeout: float | None,
-        on_event: EventHandler | None,
-        state: JobState,
-    ) -> Task:
-        """upload → submit → wait under one deadline: the body of ``generate``.
-
-        *state* learns the task as soon as it exists, so a later failure cannot lose it.
-        """
-        started = now()
-        deadline = math.inf if timeout is None else started + timeout
-        task = await self._start(
-            req, key=key, deadline=deadline, on_event=on_event, state=state, started=started
-        )
-        # Hold nothing the wait does not need.
-        del req
-        return await self._wait_until(task.id, state, True, deadline, timeout, on_event)
-
-    async def _start(
-        self,
-        req: BaseImageRequest,
-        *,
-        key: str,
-        deadline: float,
-        on_event: EventHandler | None,
-        state: JobState,
-        started: float,
-        job: int | None = None,
-        timings: dict[str, float] | None = None,
-    ) -> Task:
-        """Upload local images, then submit, before *deadline* (loop clock; inf: none).
-
-        The created task is returned and put in *state*. A deadline that interrupts the
-        upload, or the wait for a submit slot, is an ``APITimeoutError``; a submit once
-        it may be on the wire is shielded, so it is never cut short by the deadline.
-        """
-        timings = {} if timings is None else timings
-        stage = "upload"
-        with anyio.CancelScope(deadline=deadline):
-            if req.local_images():
-                req = await self._upload_local(req, on_event, started, job, timings)
-            stage = "submit"
-            t0 = now()
-            task = state.task = await self._submit(req.to_body(), key)
-            timings["submit"] = now() - t0
-            if on_event is not None:
-                with anyio.CancelScope(shield=True):
-                    await emit(on_event, SubmittedEvent(task.id, now() - started, job))
-            return task
-        # The submit is shielded once it may be on the wire, so a deadline that ends the
-        # submit stage caught it still queued for a slot: nothing was sent.
-        limit = deadline - started
-        raise APITimeoutError(
-            f"the pipeline deadline ({limit:g}s) passed while "
-            + ("uploading images" if stage == "upload" else "waiting to submit"),
-            method="POST",
-            url=self._http.url(
-                "/v1/uploads/images" if stage == "upload" else "/v1/images/generations"
-            ),
-            sent=stage == "upload",
-        )
-
-    async def _upload_local(
-        self,
-        req: BaseImageRequest,
-        on_event: EventHandler | None,
-        started: float,
-        job: int | None,
-        timings: dict[str, float],
-    ) -> BaseImageRequest:
-        local = req.local_images()
-        t0 = now()
-        entries = [u if isinstance(u, str) else "" for u in (req.image_urls or ())]
-        # Every image is checked before any is uploaded: one bad file costs no upload.
-        prepared = [(position, await prepare_image(source)) for position, source in local]
-        if len(prepared) == 1:
-            # The common case: no task group, no closure.
-            position, image_source = prepared[0]
-            entries[position] = await self._upload_entry(image_source, on_event, started, job)
-        else:
-            failures: list[Exception] = []
-
-            async def one(position: int, image_source: PreparedImage) -> None:
-                try:
-                    url = await self._upload_entry(image_source, on_event, started, job)
-                except Exception as exc:  # noqa: BLE001 - raised plainly below
-                    failures.append(exc)
-                    return
-                entries[position] = url
-
-            async with anyio.create_task_group() as tg:
-                for position, image_source in prepared:
-                    tg.start_soon(one, position, image_source)
-            if failures:
-                raise failures[0]  # the caller sees our error, never an ExceptionGroup
-        timings["upload"] = now() - t0
-        return req.with_image_urls(entries)
-
-    async def _upload_entry(
-        self,
-        image_source: PreparedImage,
-        on_event: EventHandler | None,
-        started: float,
-        job: int | None,
-    ) -> str:
-        image, cached = await self._upload_prepared(image_source)
-        if on_event is not None:
-            await emit(on_event, UploadedEvent(image, now() - started, job, cached))
-        return image.url
+        except BaseException as exc:  # cancelled
+            _jobs.close_span(res, job, exc)
+            raise
+        _jobs.close_span(res, job)
+        return task
 
     # -- download ------------------------------------------------------------------
 
@@ -719,19 +434,9 @@ class AsyncApimart:
             APIResponseValidationError: a result is not an image or is over the cap.
         """
         self._check_open()
-        paths = await download_images(
-            self._http.client,
-            task,
-            dest,
-            names=names,
-            overwrite=overwrite,
-            limiter=self._download_limiter,
-            caller=self._idempotent,
-            timeout=self._timeout,
-            max_bytes=self._max_download,
-        )
+        paths = await download_images(self._res, task, dest, names=names, overwrite=overwrite)
         if on_event is not None and isinstance(task, Task):
-            await emit(on_event, _downloaded(task, paths))
+            await emit(on_event, DownloadedEvent(task.id, tuple(paths), 0.0))
         return paths
 
     # -- many ----------------------------------------------------------------------
@@ -759,46 +464,25 @@ class AsyncApimart:
         outcome (a typed error) and never cancels the others, unless *fail_fast*, where
         the first error cancels the rest (their outcomes are then not produced).
         Leaving the block early, or cancelling around it, cancels work in flight
-        promptly and leaves nothing running. Client-wide limits still apply across
-        concurrent batches.
+        promptly and leaves nothing running (submits on the wire are heard out: see
+        ``orphaned_tasks``). Client-wide limits still apply across concurrent batches.
 
         *idempotency_keys(index, request)* may supply each job's key (a resumable
         journal keeps them); *known_tasks(index, request)* may return a task id that
         was already submitted, which is then only waited for, never resubmitted.
         """
         self._check_open()
-        limit = self._wait_timeout if isinstance(timeout, _Unset) else timeout
         pipeline = Pipeline(
-            self,
+            self._res,
             concurrency=concurrency,
             fail_fast=fail_fast,
-            timeout=limit,
+            timeout=self._deadline(timeout),
             download_to=download_to,
             on_event=on_event,
             allow_unknown=allow_unknown,
             idempotency_keys=idempotency_keys,
             known_tasks=known_tasks,
+            limits=self._limits,
         )
         async with pipeline.run(requests) as outcomes:
             yield outcomes
-
-
-def _downloaded(task: Task, paths: list[Path]) -> Event:
-    return DownloadedEvent(task.id, tuple(paths), 0.0)
-
-
-def _proxy_from_env() -> bool:
-    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
-    return any(_config.env(n) or _config.env(n.lower()) for n in names)
-
-
-def _checked_id(task_id: str) -> str:
-    # Checked at run time too: ids often come from untyped JSON or user input.
-    if not isinstance(task_id, str) or not task_id.strip():  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise ValueError(f"task_id must be a non-empty string, got {task_id!r}")
-    return task_id.strip()
-
-
-def _task_path(task_id: str) -> str:
-    # Ids are opaque: encode everything, dots included, so "../x" stays one segment.
-    return quote(_checked_id(task_id), safe="").replace(".", "%2E")

@@ -12,12 +12,29 @@ from dataclasses import dataclass
 
 import httpx
 
+from ._exceptions import MissingAPIKeyError
+
 __all__ = [
-    "DEFAULT_BASE_URL",
+    "DEFAULT_MAX_RETRIES",
     "DEFAULT_TIMEOUT",
+    "DEFAULT_UPLOAD_TIMEOUT",
+    "DEFAULT_WAIT_TIMEOUT",
+    "MAX_DOWNLOAD_BYTES",
+    "MAX_RESPONSE_BYTES",
+    "MAX_UPLOAD_BYTES",
+    "RESPONSE_VERSION",
+    "RESULT_URL_TTL",
+    "SUBMIT_SHIELD",
+    "UPLOAD_REUSE_MARGIN",
+    "UPLOAD_URL_TTL",
+    "USER_AGENT_PREFIX",
     "Limits",
     "PollPolicy",
     "RetryPolicy",
+    "proxy_from_env",
+    "resolve_api_key",
+    "resolve_base_url",
+    "resolve_timeout",
 ]
 
 DEFAULT_BASE_URL = "https://api.apimart.ai"
@@ -46,8 +63,9 @@ RESULT_URL_TTL = 24 * 3600.0
 # submitted with it can still fetch it.
 UPLOAD_REUSE_MARGIN = 6 * 3600.0
 
-# How long a submit may keep running after its caller was cancelled: once bytes may
-# be on the wire we stay to hear the answer, so the task id is known, not lost.
+# How long a submit may keep running after its caller was cancelled (or the client
+# closed): once bytes may be on the wire we stay to hear the answer, so the task id is
+# known, not lost. A submit nobody cancels has its full request timeout.
 SUBMIT_SHIELD = 30.0
 
 # Pins the response structure where the service honours it (apimart-api.md §1).
@@ -145,3 +163,32 @@ def env(name: str) -> str | None:
     """An environment variable, with empty meaning unset."""
     value = os.environ.get(name, "").strip()
     return value or None
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    """The key given, else ``APIMART_API_KEY``; ``MissingAPIKeyError`` if neither."""
+    key = api_key or env(ENV_API_KEY)
+    if not key:
+        raise MissingAPIKeyError(
+            "no API key: pass api_key=... or set the APIMART_API_KEY environment variable"
+        )
+    return key
+
+
+def resolve_base_url(base_url: str | httpx.URL | None) -> httpx.URL:
+    """The base URL given, else ``APIMART_BASE_URL``, else the service's; checked."""
+    base = httpx.URL(str(base_url or env(ENV_BASE_URL) or DEFAULT_BASE_URL))
+    if base.scheme not in ("http", "https") or not base.host:
+        raise ValueError(f"base_url must be an absolute http(s) URL, got {str(base)!r}")
+    return base
+
+
+def resolve_timeout(timeout: float | httpx.Timeout) -> httpx.Timeout:
+    """A per-request timeout as httpx expresses it."""
+    return timeout if isinstance(timeout, httpx.Timeout) else httpx.Timeout(timeout)
+
+
+def proxy_from_env() -> bool:
+    """Whether the environment configures an HTTP proxy (httpx then builds its own pool)."""
+    names = ("HTTPS_PROXY", "HTTP_PROXY", "ALL_PROXY")
+    return any(env(n) or env(n.lower()) for n in names)

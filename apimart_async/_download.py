@@ -1,9 +1,10 @@
 """Result images to disk: streamed, checked, size-capped, atomic, and key-free.
 
 Result URLs live on other hosts (``upload.<domain>``) and are public, so requests for
-them never carry the API key: the shared pool has no credentials, and the request is
-sent with ``auth=None`` and without an ``Authorization`` header even when the caller
-lent us an ``httpx.AsyncClient`` configured with one. Each image streams into a hidden
+them never carry the API key: they are built bare (no key, and none of a borrowed
+client's auth, default headers or cookies) and go through the same transport seam as
+API calls. Redirects are followed here, a few at most and only to http(s), each hop
+built bare again. Each image streams into a hidden
 temporary file in the destination directory, is checked by its magic bytes and a size
 cap, and is renamed into place only when whole; a download is all or nothing: if one
 image fails, the files this call already placed are removed again.
@@ -11,33 +12,39 @@ image fails, the files this call already placed are removed again.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import uuid
 from collections.abc import Sequence
-from contextlib import aclosing
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
 
-from ._exceptions import APIResponseValidationError, ResultExpiredError, status_error_class
-from ._http import deadline_error, map_request_error, request_deadline
+from ._exceptions import (
+    APIResponseValidationError,
+    APITimeoutError,
+    ResultExpiredError,
+    status_error_class,
+)
+from ._transport import Request, request_deadline
 from ._uploads import sniff_image_type
 from .types import Task, TaskStatus
 
 if TYPE_CHECKING:
     import os
-    from collections.abc import AsyncGenerator
 
-    from ._http import RetryingCall
+    from ._jobs import Resources
+    from ._transport import Streamed
 
 __all__ = ["download_images"]
 
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-CHUNK = 256 * 1024
+MAX_REDIRECTS = 5
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
 def safe_stem(text: str) -> str:
@@ -74,34 +81,50 @@ def _targets(
             raise ValueError(f"names has {len(names)} entries for {len(urls)} images")
         stems = [safe_stem(Path(n).name) for n in names]
     for url in urls:
-        scheme = httpx.URL(url).scheme
-        if scheme not in ("http", "https"):
-            raise APIResponseValidationError(
-                f"refusing to fetch a result URL with scheme {scheme!r}",
-                status_code=200,
-                excerpt=url[:80],
-            )
+        _check_scheme(url)
     return urls, stems, owner
 
 
+def _check_scheme(url: str) -> None:
+    scheme = httpx.URL(url).scheme
+    if scheme not in ("http", "https"):
+        raise APIResponseValidationError(
+            f"refusing to fetch a result URL with scheme {scheme!r}",
+            status_code=200,
+            excerpt=url[:80],
+        )
+
+
 async def download_images(
-    client: httpx.AsyncClient,
+    res: Resources,
     task: Task | Sequence[str],
     dest: str | os.PathLike[str],
     *,
     names: Sequence[str] | None,
     overwrite: bool,
-    limiter: anyio.Semaphore,
-    caller: RetryingCall,
-    timeout: httpx.Timeout,
-    max_bytes: int,
+    span: object = None,
 ) -> list[Path]:
-    """Download every URL of *task* into *dest*; see the module docstring."""
+    """Download every URL of *task* into *dest*; see the module docstring.
+
+    *span* is the pipeline span this download belongs to (telemetry only).
+    """
+    if res.telemetry is None:
+        return await _download(res, task, dest, names, overwrite)
+    with res.telemetry.stage(span, "apimart.download"):
+        return await _download(res, task, dest, names, overwrite)
+
+
+async def _download(
+    res: Resources,
+    task: Task | Sequence[str],
+    dest: str | os.PathLike[str],
+    names: Sequence[str] | None,
+    overwrite: bool,
+) -> list[Path]:
     urls, stems, owner = _targets(task, names)
-    if owner is not None and owner.expires_at is not None:
-        now = datetime.now(timezone.utc)
-        if owner.expires_at <= now:
-            raise ResultExpiredError(task_id=owner.id, task=owner, expired_at=owner.expires_at)
+    expires_at = owner.expires_at if owner is not None else None
+    if owner is not None and expires_at is not None and expires_at <= datetime.now(timezone.utc):
+        raise ResultExpiredError(task_id=owner.id, task=owner, expired_at=owner.expires_at)
     directory = anyio.Path(dest)
     await directory.mkdir(parents=True, exist_ok=True)
     placed: list[Path | None] = [None] * len(urls)
@@ -109,11 +132,9 @@ async def download_images(
 
     async def one(i: int, scope: anyio.CancelScope) -> None:
         try:
-            async with limiter:
-                placed[i] = await caller(
-                    lambda: _fetch_one(
-                        client, urls[i], directory, stems[i], timeout, max_bytes, overwrite
-                    )
+            async with res.download_slots:
+                placed[i] = await res.retry_download(
+                    _fetch_one, res, urls[i], directory, stems[i], overwrite
                 )
         except Exception as exc:  # noqa: BLE001 - re-raised plainly below
             failures.append(exc)
@@ -136,54 +157,62 @@ async def download_images(
 
 
 async def _fetch_one(
-    client: httpx.AsyncClient,
-    url: str,
-    directory: anyio.Path,
-    stem: str,
-    timeout: httpx.Timeout,
-    max_bytes: int,
-    overwrite: bool,
+    res: Resources, url: str, directory: anyio.Path, stem: str, overwrite: bool
 ) -> Path:
-    request = client.build_request("GET", url, timeout=timeout)
-    # A borrowed client may carry default credentials; result hosts get none.
-    request.headers.pop("Authorization", None)
     tmp = directory / f".{stem}.{uuid.uuid4().hex}.part"
-    limit = request_deadline(timeout)
-    content_type: str | None = None
+    limit = request_deadline(res.download_timeout)
     try:
         with anyio.move_on_after(limit):
-            try:
-                response = await client.send(request, stream=True, auth=None, follow_redirects=True)
-                try:
-                    content_type = await _stream_to(response, tmp, max_bytes, url)
-                finally:
-                    await response.aclose()
-            except httpx.RequestError as exc:
-                raise map_request_error(exc, "GET", url) from exc
-        if content_type is None:
-            raise deadline_error("GET", url, limit)
-        final = directory / f"{stem}.{_EXT[content_type]}"
-        if not overwrite and await final.exists():
-            raise FileExistsError(f"{final} exists and overwrite=False")
-        await tmp.replace(final)
-        return Path(final)
+            content_type = await _fetch_to(res, url, tmp)
+            final = directory / f"{stem}.{_EXT[content_type]}"
+            if not overwrite and await final.exists():
+                raise FileExistsError(f"{final} exists and overwrite=False")
+            await tmp.replace(final)
+            return Path(final)
+        raise APITimeoutError(
+            f"the download did not finish within {limit:g}s", method="GET", url=url, sent=True
+        )
     except BaseException:
         with anyio.CancelScope(shield=True):
             await tmp.unlink(missing_ok=True)
         raise
 
 
-async def _stream_to(response: httpx.Response, tmp: anyio.Path, max_bytes: int, url: str) -> str:
-    status = response.status_code
+async def _fetch_to(res: Resources, url: str, tmp: anyio.Path) -> str:
+    """GET *url* (following a few redirects ourselves) into *tmp*; its image type."""
+    transport = res.http.transport
+    for _ in range(MAX_REDIRECTS + 1):
+        # Built bare: no key, no default headers or cookies of a borrowed client.
+        request = Request("GET", url, {}, None, res.download_timeout)
+        with (
+            res.telemetry.http("GET", url, "result", None)
+            if res.telemetry is not None
+            else contextlib.nullcontext()
+        ) as span:
+            async with transport.stream(request) as streamed:
+                if res.telemetry is not None:
+                    res.telemetry.status(span, streamed.status, "result")
+                location = streamed.headers.get("location")
+                if streamed.status in _REDIRECTS and location:
+                    url = str(httpx.URL(url).join(location))
+                    _check_scheme(url)
+                    continue
+                return await _stream_to(streamed, tmp, res.max_download, url)
+    raise APIResponseValidationError(
+        f"more than {MAX_REDIRECTS} redirects for a result image", status_code=0, excerpt=url[:80]
+    )
+
+
+async def _stream_to(streamed: Streamed, tmp: anyio.Path, max_bytes: int, url: str) -> str:
+    status = streamed.status
     if status >= 400:
-        await response.aread()
         cls = status_error_class(status)
         message = f"download of a result image failed with HTTP {status}"
         if status in (403, 404, 410):
             message += " (the URL may have expired; results live about 24 h)"
-        kw: dict[str, Any] = {"status_code": status, "headers": response.headers}
+        kw: dict[str, Any] = {"status_code": status, "headers": streamed.headers}
         raise cls(message, **kw)
-    declared = response.headers.get("content-length")
+    declared = streamed.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise APIResponseValidationError(
             f"result image of {int(declared)} bytes exceeds the {max_bytes}-byte cap",
@@ -191,11 +220,8 @@ async def _stream_to(response: httpx.Response, tmp: anyio.Path, max_bytes: int, 
         )
     content_type: str | None = None
     size = 0
-    async with (
-        await anyio.open_file(tmp, "wb") as fh,
-        aclosing(cast("AsyncGenerator[bytes, None]", response.aiter_bytes(CHUNK))) as chunks,
-    ):
-        async for chunk in chunks:
+    async with await anyio.open_file(tmp, "wb") as fh:
+        async for chunk in streamed.chunks:
             if content_type is None:
                 content_type = sniff_image_type(chunk[:16])
                 if content_type is None:

@@ -8,13 +8,9 @@ import re
 from collections.abc import Callable
 from typing import Any
 
-import anyio
+from .types import Event
 
-from ._clock import now
-from ._exceptions import TaskError
-from .types import Event, FailedEvent, Task
-
-__all__ = ["EventHandler", "checked_key", "emit", "new_idempotency_key", "report_failure"]
+__all__ = ["EventHandler", "checked_key", "emit", "new_idempotency_key"]
 
 EventHandler = Callable[[Event], Any]
 """A callback taking an ``Event``; it may be a plain function or a coroutine function."""
@@ -33,26 +29,6 @@ async def emit(handler: EventHandler | None, event: Event) -> None:
     result = handler(event)
     if inspect.isawaitable(result):
         await result
-
-
-async def report_failure(
-    handler: EventHandler | None,
-    error: Exception,
-    known: Task | None,
-    started: float,
-    job: int | None,
-) -> Task | None:
-    """Emit the ``FailedEvent`` for *error*; return the task it concerns, if any.
-
-    That is the error's own task (a failed or timed-out task) or else *known*, the
-    last one seen. Shielded: a cancelled caller must still hear of an uncertain submit.
-    """
-    task = error.task if isinstance(error, TaskError) and error.task else known
-    if handler is not None:
-        event = FailedEvent(error, task.id if task else None, now() - started, job)
-        with anyio.CancelScope(shield=True):
-            await emit(handler, event)
-    return task
 
 
 def new_idempotency_key() -> str:

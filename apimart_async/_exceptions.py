@@ -21,6 +21,7 @@ What the network or the service did to you is an ``ApimartError``::
         ├── TaskFailedError           status failed (.reason)
         ├── TaskCancelledError        status cancelled
         ├── TaskTimeoutError          our deadline passed; also a TimeoutError
+        ├── ResultMissingError        completed, but no result URL after re-querying
         └── ResultExpiredError        the result URLs' expires_at has passed
 
 What *you* did wrong is a ``ValueError``, raised before any request is sent, and is
@@ -28,9 +29,10 @@ deliberately outside ``ApimartError`` (as httpx keeps ``InvalidURL`` outside
 ``HTTPError``)::
 
     ValueError
-    └── InvalidRequestError           bad model parameters (names model, field, allowed values)
-        ├── UnknownModelError         a model id we have no rules for
-        └── InvalidImageError         an image source that is missing, too big or not an image
+    ├── InvalidRequestError           bad model parameters (names model, field, allowed values)
+    │   ├── UnknownModelError         a model id we have no rules for
+    │   └── InvalidImageError         an image source that is missing, too big or not an image
+    └── MissingAPIKeyError            no key given and none in APIMART_API_KEY
 
 No message built here ever contains the API key: messages come from the service's
 ``error.message`` (which never echoes the key) or from our own text.
@@ -58,11 +60,13 @@ __all__ = [
     "InsufficientBalanceError",
     "InvalidImageError",
     "InvalidRequestError",
+    "MissingAPIKeyError",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "RateLimitError",
     "ResultExpiredError",
+    "ResultMissingError",
     "ServerError",
     "SubmissionUncertainError",
     "TaskCancelledError",
@@ -70,6 +74,7 @@ __all__ = [
     "TaskFailedError",
     "TaskTimeoutError",
     "UnknownModelError",
+    "status_error_class",
 ]
 
 _REQUEST_ID = re.compile(r"\(request id: ([^)]+)\)")
@@ -93,14 +98,18 @@ class APIConnectionError(ApimartError):
 
     *sent* says whether any part of the request may have reached the server: it is
     False only when the connection was never established, which is what makes a paid
-    submit safe to retry.
+    submit safe to retry. *retryable* is False for failures that repeating cannot
+    heal (a failed TLS certificate check, a URL no transport can use).
     """
 
-    def __init__(self, message: str, *, method: str, url: str, sent: bool) -> None:
+    def __init__(
+        self, message: str, *, method: str, url: str, sent: bool, retryable: bool = True
+    ) -> None:
         super().__init__(message)
         self.method = method
         self.url = url
         self.sent = sent
+        self.retryable = retryable
 
 
 class APITimeoutError(APIConnectionError, TimeoutError):
@@ -269,6 +278,23 @@ class TaskTimeoutError(TaskError, TimeoutError):
         self.timeout = timeout
 
 
+class ResultMissingError(TaskError):
+    """The service reported the task completed but listed no result URL, even after
+    *queries* looks. The task was probably paid for; ask again later with
+    ``wait(task_id)`` rather than submitting again.
+    """
+
+    def __init__(self, *, task_id: str, task: Task | None, queries: int) -> None:
+        super().__init__(
+            f"task {task_id} is completed but the service listed no result URL "
+            f"({queries} queries); ask again later with wait({task_id!r}) rather than "
+            "submitting again",
+            task_id=task_id,
+            task=task,
+        )
+        self.queries = queries
+
+
 class ResultExpiredError(TaskError):
     """The task's result URLs expired (``expires_at`` passed) before the download.
 
@@ -304,6 +330,10 @@ class UnknownModelError(InvalidRequestError):
 
 class InvalidImageError(InvalidRequestError):
     """An image source that cannot be uploaded: missing, empty, too big, or not an image."""
+
+
+class MissingAPIKeyError(ValueError):
+    """No API key was given and ``APIMART_API_KEY`` is not set (raised by the constructor)."""
 
 
 _STATUS_CLASSES: dict[int, type[APIStatusError]] = {

@@ -44,7 +44,7 @@ def decode_json(content: bytes, status_code: int) -> Any:
     """Parse a JSON body, or explain with an excerpt why it is not JSON."""
     try:
         return json.loads(content)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # nesting deep enough to crash
         raise APIResponseValidationError(
             "response body is not JSON",
             status_code=status_code,
@@ -181,6 +181,12 @@ def parse_submit(body: object) -> tuple[str, TaskStatus, dict[str, Any]]:
     if envelope is not None:
         data = envelope.get("data")
         items = _seq(data)
+        if items and len(items) > 1:
+            ids = {_item_id(item) for item in items} - {None}
+            if len(ids) > 1:
+                # Which one is ours? Taking the first could wait on somebody else's task.
+                named = ", ".join(sorted(str(i) for i in ids))
+                raise _invalid(f"submit answer names {len(ids)} tasks ({named})", body)
         candidates.append(items[0] if items else data)
         candidates.append(envelope)
     for candidate in candidates:
@@ -192,6 +198,12 @@ def parse_submit(body: object) -> tuple[str, TaskStatus, dict[str, Any]]:
             status = TaskStatus.parse(item.get("status") or "submitted")
             return task_id.strip(), status, item
     raise _invalid("submit response carries no task id", body)
+
+
+def _item_id(item: object) -> str | None:
+    obj = as_object(item)
+    task_id = obj.get("task_id") or obj.get("id") if obj is not None else None
+    return task_id if isinstance(task_id, str) and task_id.strip() else None
 
 
 def _urls(value: object) -> list[str]:

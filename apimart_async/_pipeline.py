@@ -40,16 +40,16 @@ import math
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
 import anyio.abc
 
+from . import _jobs
 from ._clock import now
-from ._events import emit, new_idempotency_key, report_failure
-from ._exceptions import TaskTimeoutError
-from ._polling import PollSchedule
+from ._download import download_images
+from ._events import emit, new_idempotency_key
+from ._jobs import Job
 from .models import BaseImageRequest, parse_request
 from .types import DownloadedEvent, Event, Outcome, Task, TaskStatus
 
@@ -59,49 +59,17 @@ if TYPE_CHECKING:
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-    from ._client import AsyncApimart
+    from ._config import Limits
+    from ._jobs import Resources
 
-__all__ = ["JobState", "Pipeline"]
-
-
-@dataclass(slots=True)
-class JobState:
-    """What one job knows so far; kept so an error never loses a created task."""
-
-    task: Task | None = None
+__all__ = ["Pipeline"]
 
 
-class _Job:
-    """One job between pulling its request and settling its outcome."""
-
-    __slots__ = (
-        "deadline",
-        "index",
-        "item",
-        "key",
-        "schedule",
-        "started",
-        "state",
-        "timings",
-        "waiting_since",
-    )
-
-    def __init__(self, index: int, item: Any, started: float, deadline: float) -> None:
-        self.index = index
-        self.item = item
-        self.started = started
-        self.deadline = deadline
-        self.key: str | None = None
-        self.state = JobState()
-        self.timings: dict[str, float] = {}
-        self.schedule: PollSchedule | None = None
-        self.waiting_since = started
-
-    def outcome(
-        self, task: Task | None, error: Exception | None = None, files: tuple[Any, ...] = ()
-    ) -> Outcome:
-        """This job's one ``Outcome``."""
-        return Outcome(self.index, self.item, task, error, self.timings, files, self.key)
+def _outcome(
+    job: Job, task: Task | None, error: Exception | None = None, files: tuple[Any, ...] = ()
+) -> Outcome:
+    """The job's one ``Outcome``."""
+    return Outcome(job.index or 0, job.item, task, error, job.timings, files, job.key)
 
 
 class _Outcomes:
@@ -188,7 +156,7 @@ class Pipeline:
 
     def __init__(
         self,
-        client: AsyncApimart,
+        res: Resources,
         *,
         concurrency: int,
         fail_fast: bool,
@@ -198,10 +166,11 @@ class Pipeline:
         allow_unknown: bool,
         idempotency_keys: Callable[[int, Any], str | None] | None,
         known_tasks: Callable[[int, Any], str | None] | None,
+        limits: Limits,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
-        self._client = client
+        self._res = res
         self._concurrency = concurrency
         self._fail_fast = fail_fast
         self._timeout = timeout
@@ -210,22 +179,23 @@ class Pipeline:
         self._allow_unknown = allow_unknown
         self._keys = idempotency_keys
         self._known = known_tasks
-        limits = client.limits
         # More starters or poll workers than the client lets run at once (its stage
         # limits, its connection pool) would only queue, each holding its job's state.
         self._max_starters = min(concurrency, limits.uploads + limits.submits, limits.connections)
         self._max_pollers = min(concurrency, limits.polls_in_flight, limits.connections)
-        self._poll_bound = client._http.call_bound  # pyright: ignore[reportPrivateUsage]
+        self._poll_bound = res.call_bound
         self._starters = 0  # alive
         self._pollers = 0  # alive
         self._active = 0  # jobs pulled and not yet settled
-        self._heap: list[tuple[float, int, _Job]] = []
+        self._heap: list[tuple[float, int, Job]] = []
         self._order = itertools.count()  # heap tie-break: jobs are never compared
         self._wake: anyio.Event | None = None  # set to wake a sleeping scheduler
-        self._ready: deque[_Job] = deque()  # due now, for the next free poll worker
+        self._ready: deque[Job] = deque()  # due now, for the next free poll worker
         self._idle: deque[anyio.Event] = deque()  # one per idle poll worker
         self._group: anyio.abc.TaskGroup | None = None
         self._send: MemoryObjectSendStream[Outcome] | None = None
+        # Jobs with an open pipeline span (telemetry only), ended here if cancelled.
+        self._live: set[Job] | None = set() if res.telemetry is not None else None
 
     @asynccontextmanager
     async def run(
@@ -246,6 +216,10 @@ class Pipeline:
                     tg.cancel_scope.cancel()
         finally:
             receive.close()
+            if self._live:  # cancelled with jobs under way
+                for job in self._live:
+                    _jobs.close_span(self._res, job, "cancelled")
+                self._live.clear()
         if source.error is not None:
             raise source.error
 
@@ -289,44 +263,31 @@ class Pipeline:
             self._end_if_done()
 
     async def _start(self, index: int, item: Any) -> None:
-        client = self._client
-        started = now()
-        deadline = math.inf if self._timeout is None else started + self._timeout
-        job = _Job(index, item, started, deadline)
-        fresh = True
+        job = Job(key="", timeout=self._timeout, on_event=self._on_event, index=index, item=item)
         try:
             job.key = (self._keys(index, item) if self._keys else None) or new_idempotency_key()
             known = self._known(index, item) if self._known else None
             if known:
-                job.state.task = Task(id=known, status=TaskStatus.SUBMITTED)
-                fresh = False
+                job.task = Task(id=known, status=TaskStatus.SUBMITTED)
+                job.fresh = False
             else:
-                await client._start(  # pyright: ignore[reportPrivateUsage]
+                request = job.request = (
                     item
                     if isinstance(item, BaseImageRequest)
-                    else parse_request(item, allow_unknown=self._allow_unknown),
-                    key=job.key,
-                    deadline=deadline,
-                    on_event=self._on_event,
-                    state=job.state,
-                    started=started,
-                    job=index,
-                    timings=job.timings,
+                    else parse_request(item, allow_unknown=self._allow_unknown)
                 )
+                job.model = request.model
+            if self._live is not None:
+                _jobs.open_span(self._res, job, "apimart.job")
+                self._live.add(job)
+            if not known:
+                await _jobs.start(self._res, job)
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             await self._failed(job, exc)
             return
-        task = job.state.task
-        assert task is not None
-        job.waiting_since = now()
-        job.schedule = PollSchedule(
-            client._poll_policy,  # pyright: ignore[reportPrivateUsage]
-            job.waiting_since,
-            client._random,  # pyright: ignore[reportPrivateUsage]
-        )
-        # Given a fresh task the first poll waits a moment; a known one is polled now,
-        # by this starter: a job due now is polled by the task that already has it.
-        delay = job.schedule.first_delay(task.estimated_time) if fresh else 0.0
+        # A fresh task's first poll waits a moment; a known one is polled now, by this
+        # starter: a job due now is polled by the task that already has it.
+        delay = job.begin_waiting(self._res)
         if delay > 0:
             self._wait(job, delay)
         else:
@@ -334,7 +295,7 @@ class Pipeline:
 
     # -- waiting: the scheduler and the poll workers ------------------------------
 
-    def _wait(self, job: _Job, delay: float) -> None:
+    def _wait(self, job: Job, delay: float) -> None:
         """Queue *job* for a poll in *delay* seconds (or at its deadline)."""
         due = min(now() + delay, job.deadline)
         heapq.heappush(self._heap, (due, next(self._order), job))
@@ -376,14 +337,12 @@ class Pipeline:
             self._idle.append(wake)
             await wake.wait()
 
-    async def _poll_due(self, job: _Job) -> None:
+    async def _poll_due(self, job: Job) -> None:
         """Poll a due job until it settles or is due again later (then back to the heap)."""
-        budget = self._client._poll_budget  # pyright: ignore[reportPrivateUsage]
         while True:
             if job.deadline <= now():
-                await self._timed_out(job)
+                await self._failed(job, job.timed_out())
                 return
-            await budget.acquire()
             delay = await self._poll(job)
             if delay is None:
                 return
@@ -391,12 +350,9 @@ class Pipeline:
                 self._wait(job, delay)
                 return
 
-    async def _poll(self, job: _Job) -> float | None:
+    async def _poll(self, job: Job) -> float | None:
         """One query: the delay until the next, or None once the job is settled."""
-        client = self._client
-        state, schedule = job.state, job.schedule
-        assert state.task is not None and schedule is not None
-        task_id = state.task.id
+        res = self._res
         # A query that cannot outlive the deadline (bar a wait for one of the client's
         # poll slots held by other batches) needs no cancel scope.
         scope = None
@@ -404,42 +360,32 @@ class Pipeline:
             scope = anyio.CancelScope(deadline=job.deadline)
         try:
             with scope or contextlib.nullcontext():
-                delay = await client._poll_once(  # pyright: ignore[reportPrivateUsage]
-                    task_id, state, schedule, job.waiting_since, self._on_event, job.index
-                )
+                delay = await _jobs.poll_once(res, job)
             if scope is not None and scope.cancelled_caught:
-                await self._timed_out(job)
+                await self._failed(job, job.timed_out())
                 return None
             if delay is not None:
                 return delay
-            task = await client._finish_wait(  # pyright: ignore[reportPrivateUsage]
-                task_id, state, job.waiting_since, self._on_event, job.index
-            )
+            task = await _jobs.settle(job)
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             job.timings["wait"] = now() - job.waiting_since
             await self._failed(job, exc)
             return None
-        job.timings["wait"] = now() - job.waiting_since
         if self._download_to is None:
-            self._settle(job, job.outcome(task))
+            self._settle(job, _outcome(job, task))
         else:
             self._spawn(self._download, job, task)  # the poller stays free
         return None
 
-    async def _timed_out(self, job: _Job) -> None:
-        task = job.state.task
-        assert task is not None
-        job.timings["wait"] = now() - job.waiting_since
-        error = TaskTimeoutError(task_id=task.id, task=task, timeout=self._timeout)
-        await self._failed(job, error)
-
     # -- settling ------------------------------------------------------------------
 
-    async def _download(self, job: _Job, task: Task) -> None:
+    async def _download(self, job: Job, task: Task) -> None:
         assert self._download_to is not None
         try:
             t0 = now()
-            paths = await self._client.download(task, self._download_to)
+            paths = await download_images(
+                self._res, task, self._download_to, names=None, overwrite=True, span=job.span
+            )
             job.timings["download"] = now() - t0
             files = tuple(paths)
             event = DownloadedEvent(task.id, files, now() - job.started, job.index)
@@ -447,15 +393,18 @@ class Pipeline:
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             await self._failed(job, exc)
             return
-        self._settle(job, job.outcome(task, files=files))
+        self._settle(job, _outcome(job, task, files=files))
 
-    async def _failed(self, job: _Job, exc: Exception) -> None:
-        task = await report_failure(self._on_event, exc, job.state.task, job.started, job.index)
-        self._settle(job, job.outcome(task, exc))
+    async def _failed(self, job: Job, exc: Exception) -> None:
+        task = await _jobs.fail(job, exc)
+        self._settle(job, _outcome(job, task, exc))
 
-    def _settle(self, job: _Job, outcome: Outcome) -> None:
+    def _settle(self, job: Job, outcome: Outcome) -> None:
         assert self._send is not None
         self._active -= 1
+        if self._live is not None:
+            self._live.discard(job)
+            _jobs.close_span(self._res, job, outcome.error)
         try:
             self._send.send_nowait(outcome)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):

@@ -9,10 +9,12 @@ completion time from progress and elapsed time and aims just past it, so a typic
 costs two or three queries and is noticed within a few percent of its duration. Without
 progress it backs off geometrically with jitter, up to a cap.
 
-``RateLimiter`` is the client-wide poll budget: every ``wait`` on a client draws from
-one token bucket, so 10,000 waiting tasks cost the same request rate as 100 (they are
-noticed later instead). It computes each caller's slot arithmetically under no lock and
-sleeps outside it, so waiting tasks cost nothing but their sleep.
+``RateLimiter`` is the client-wide poll budget: every task query on a client (each
+attempt, retries included) draws from one token bucket, so 10,000 waiting tasks cost
+the same request rate as 100 (they are noticed later instead), and a storm of 429s or
+503s is retried within the budget, not on top of it. It computes each caller's slot
+arithmetically under no lock and sleeps outside it, so waiting tasks cost nothing but
+their sleep.
 """
 
 from __future__ import annotations
@@ -97,11 +99,12 @@ class PollSchedule:
 
 
 class RateLimiter:
-    """A token bucket shared by every poll of one client: *rate* per second, *burst*.
+    """A token bucket shared by every task query of one client: *rate* per second, *burst*.
 
     ``acquire`` reserves the next free slot (virtual scheduling) and sleeps until it;
     there is no queue to drain and no background task. A caller cancelled while
-    sleeping forfeits its slot, which only makes the budget stricter.
+    sleeping gives its slot back, and so does one that ``release``s a slot it could not
+    use, so cancelled pollers never make the next ones wait longer.
     """
 
     __slots__ = ("_burst", "_interval", "_next")
@@ -116,11 +119,27 @@ class RateLimiter:
         """Requests per second granted on average."""
         return 1.0 / self._interval
 
-    async def acquire(self) -> None:
-        """Wait for this caller's slot."""
-        current = now()
+    def reserve(self, current: float) -> float:
+        """Reserve the next slot at loop time *current*; return how long until it."""
         # Unused capacity accumulates only up to the burst size.
         slot = max(self._next, current - (self._burst - 1) * self._interval)
         self._next = slot + self._interval
-        if slot > current:
-            await anyio.sleep(slot - current)
+        return max(0.0, slot - current)
+
+    async def acquire(self) -> None:
+        """Wait for this caller's slot."""
+        delay = self.reserve(now())
+        if delay > 0:
+            try:
+                await anyio.sleep(delay)
+            except BaseException:  # cancelled, natively too: the slot goes back
+                self.release()
+                raise
+
+    def release(self) -> None:
+        """Give back a slot that was not used for a request.
+
+        Everyone queued keeps their slot; the next caller takes the freed one. At
+        worst two requests then share an instant, which the burst allows anyway.
+        """
+        self._next -= self._interval

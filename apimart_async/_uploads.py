@@ -35,7 +35,14 @@ if TYPE_CHECKING:
 
     from .types import UploadedImage
 
-__all__ = ["PreparedImage", "UploadCache", "prepare_image", "sniff_image_type"]
+__all__ = [
+    "PreparedImage",
+    "UploadCache",
+    "multipart_body",
+    "multipart_parts",
+    "prepare_image",
+    "sniff_image_type",
+]
 
 
 # Read whole below this size (one worker-thread hop); stream from disk above it.
@@ -94,20 +101,6 @@ class PreparedImage:
     sha256: str
     data: bytes | None = None
     path: Path | None = None
-
-    def chunks(self) -> AsyncIterator[bytes]:
-        """A fresh async iterator over the content (one per upload attempt)."""
-        return _iter_chunks(self)
-
-
-async def _iter_chunks(image: PreparedImage) -> AsyncIterator[bytes]:
-    if image.data is not None:
-        yield image.data
-        return
-    assert image.path is not None
-    async with await anyio.open_file(image.path, "rb") as fh:
-        while chunk := await fh.read(CHUNK):
-            yield chunk
 
 
 def _label(source: object, filename: str | None) -> str:
@@ -251,10 +244,15 @@ def multipart_parts(image: PreparedImage) -> tuple[str, bytes, bytes]:
 async def multipart_body(
     image: PreparedImage, preamble: bytes, epilogue: bytes
 ) -> AsyncIterator[bytes]:
-    """Stream the form: preamble, the file in chunks, epilogue."""
+    """Stream the form of an image kept on disk: preamble, the file in chunks, epilogue.
+
+    A fresh iterator per upload attempt: the file is read again each time.
+    """
+    assert image.path is not None
     yield preamble
-    async for chunk in image.chunks():
-        yield chunk
+    async with await anyio.open_file(image.path, "rb") as fh:
+        while chunk := await fh.read(CHUNK):
+            yield chunk
     yield epilogue
 
 

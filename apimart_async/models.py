@@ -13,7 +13,7 @@ whether it comes as keyword arguments, a dict or a model instance::
 
     req = Gemini3ProImageRequest(
         model="gemini-3-pro-image-preview", prompt="make it snow",
-        image_urls=(Path("ref.png"),), resolution="2K",
+        image_urls=[Path("ref.png")], resolution="2K",
     )  # client.generate(req) uploads ref.png first, then submits its URL
 
     parse_request(model="gemini-2.5-flash-image-preview", prompt="x", resolution="2K")
@@ -25,9 +25,9 @@ whether it comes as keyword arguments, a dict or a model instance::
 What can go wrong: an invalid request raises ``InvalidRequestError`` (a ``ValueError``)
 with one line per problem naming the model, the field and the allowed values; an
 unknown model id raises ``UnknownModelError`` listing the known ids. Constructing a
-model class directly raises pydantic's ``ValidationError`` (also a ``ValueError``);
-``parse_request`` converts it. ``None`` for an optional field means "not set": the
-serialized body only carries what the caller set, and the service applies its defaults.
+model class directly raises the same ``InvalidRequestError``. ``None`` for an optional
+field means "not set": the serialized body only carries what the caller set, and the
+service applies its defaults.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from __future__ import annotations
 import math
 import re
 import types
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from difflib import get_close_matches
 from os import PathLike, fspath
@@ -67,10 +67,10 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ._exceptions import InvalidRequestError, UnknownModelError
+from ._webhook_url import webhook_url_problem as _webhook_url_problem
 
 if TYPE_CHECKING:
     import sys
-    from collections.abc import Sequence
 
     from pydantic_core import ErrorDetails
 
@@ -373,7 +373,28 @@ def _facts(cls: type[BaseModel]) -> _Facts:
 # -- the models ---------------------------------------------------------------------------
 
 
-class BaseImageRequest(BaseModel):
+if TYPE_CHECKING:
+    from pydantic._internal._model_construction import ModelMetaclass as _PydanticMeta
+else:
+    _PydanticMeta = type(BaseModel)  # the same class, reached without a private import
+
+
+class _RequestMeta(_PydanticMeta):
+    """Built directly (``Gemini3ProImageRequest(n=5)``), a model fails with the same
+    ``InvalidRequestError`` as ``parse_request``, not pydantic's raw error.
+
+    On the metaclass, so that only direct construction passes here (``model_validate``
+    does not), and type checkers keep pydantic's typed, per-field constructor.
+    """
+
+    def __call__(cls, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().__call__(*args, **kwargs)
+        except ValidationError as exc:
+            raise _convert(cast("type[BaseModel]", cls), kwargs.get("model"), exc) from None
+
+
+class BaseImageRequest(BaseModel, metaclass=_RequestMeta):
     """Fields and checks every image model shares; use a subclass or ``parse_request``.
 
     Instances are frozen and validated on creation. ``image_urls`` accepts a list or
@@ -393,7 +414,8 @@ class BaseImageRequest(BaseModel):
 
     model: str
     prompt: str = Field(strict=True)
-    image_urls: tuple[_ImageEntry, ...] | None = None
+    # Typed as a Sequence so a list type-checks; stored as a tuple (the model is frozen).
+    image_urls: Sequence[_ImageEntry] | None = None
     webhook: str | None = Field(default=None, strict=True)
     language: _Language | None = None
 
@@ -434,21 +456,13 @@ class BaseImageRequest(BaseModel):
     @field_validator("webhook")
     @classmethod
     def _check_webhook(cls, value: str | None) -> str | None:
+        # The service silently drops a webhook it will not call (§6.4), so refuse one
+        # it cannot reach here, with the reason (the rules live in _webhook_url).
         if value is None:
             return None
-        if not _is_http_url(value):
-            raise _rule("webhook", f"must be a public http(s) URL (got {_show(value)})")
-        # §6.4: any other port makes the service drop the webhook silently.
-        try:
-            port = urlsplit(value).port
-        except ValueError:
-            port = -1
-        if port not in (None, 80, 443):
-            raise _rule(
-                "webhook",
-                f"must use port 80 or 443; the service silently ignores others "
-                f"(got {_show(value)})",
-            )
+        problem = _webhook_url_problem(value)
+        if problem is not None:
+            raise _rule("webhook", problem)
         return value
 
     @model_validator(mode="after")
@@ -572,7 +586,7 @@ class BaseImageRequest(BaseModel):
             data.update(self.__pydantic_extra__)
         return data
 
-    def _url_list(self, entries: tuple[ImageRef, ...]) -> list[str]:
+    def _url_list(self, entries: Sequence[ImageRef]) -> list[str]:
         urls: list[str] = []
         for i, entry in enumerate(entries):
             if not isinstance(entry, str):

@@ -26,6 +26,7 @@ __all__ = [
     "Outcome",
     "ProgressEvent",
     "SubmittedEvent",
+    "SubmittingEvent",
     "Task",
     "TaskErrorInfo",
     "TaskStatus",
@@ -180,6 +181,21 @@ class UploadedEvent:
 
 
 @dataclass(frozen=True, slots=True)
+class SubmittingEvent:
+    """A submit attempt is about to be sent under *idempotency_key* with exactly *body*.
+
+    Emitted before every attempt (retries too), in the task that sends it. A handler
+    that raises stops the attempt: it is never sent, and the submit fails with that
+    error. That is how a journal records "maybe created" before it can be true.
+    """
+
+    idempotency_key: str
+    body: bytes
+    job: int | None = None
+    kind: Literal["submitting"] = "submitting"
+
+
+@dataclass(frozen=True, slots=True)
 class SubmittedEvent:
     """The service accepted the request as task *task_id*."""
 
@@ -234,6 +250,12 @@ class DownloadedEvent:
 
 
 Event = (
-    UploadedEvent | SubmittedEvent | ProgressEvent | CompletedEvent | FailedEvent | DownloadedEvent
+    UploadedEvent
+    | SubmittingEvent
+    | SubmittedEvent
+    | ProgressEvent
+    | CompletedEvent
+    | FailedEvent
+    | DownloadedEvent
 )
 """Any progress event; switch on ``event.kind``."""

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import contextvars
 import logging
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 import stamina
 
-from apimart_async import AsyncApimart, Limits, PollPolicy, _http
-from apimart_async.testing import FakeApimart
+from apimart_async import AsyncApimart, Limits, PollPolicy
+from apimart_async.testing import FakeApimart, FakeTransport
 
 # Poll 1,000x faster than the real schedule, against a fake whose tasks last ms.
 FAST_POLL = PollPolicy().scaled(0.001)
@@ -47,98 +46,147 @@ def fake() -> FakeApimart:
 
 
 @pytest.fixture
-async def client(fake: FakeApimart) -> AsyncIterator[AsyncApimart]:
+async def client(fake: FakeApimart, client_for: ClientFor) -> AsyncIterator[AsyncApimart]:
     """A client wired to the fake, polling on the scaled-down schedule."""
-    async with AsyncApimart(
-        api_key="test-key", transport=fake.transport(), poll=FAST_POLL, limits=FAST_LIMITS
-    ) as c:
+    async with client_for(fake) as c:
         yield c
+
+
+async def until(predicate: Callable[[], object], *, timeout: float = 5.0) -> None:
+    """Wait until *predicate()* is true (something another task reports), or fail."""
+    import anyio
+
+    with anyio.fail_after(timeout):
+        while not predicate():  # noqa: ASYNC110 - the condition is not ours to signal
+            await anyio.sleep(0.002)
+
+
+# -- OpenTelemetry, suite-wide -----------------------------------------------------------
+#
+# The SDK (tests group only) is installed as the global provider once per session, so
+# every client in every test traces and counts: the key-containment check below reads
+# every span, and tests/test_telemetry.py reads the trees. Clients decide when they are
+# created, so this must happen before any test builds one.
+
+SPANS: Any = None  # the in-memory span exporter, or None without the SDK
+METRICS: Any = None  # the in-memory metric reader
+
+
+def _install_telemetry() -> None:
+    global SPANS, METRICS
+    try:
+        from opentelemetry import metrics, trace
+        from opentelemetry.sdk.metrics import MeterProvider
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+        from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+    except ImportError:
+        return
+    SPANS = InMemorySpanExporter()
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(SPANS))
+    trace.set_tracer_provider(provider)
+    METRICS = InMemoryMetricReader()
+    metrics.set_meter_provider(MeterProvider(metric_readers=[METRICS]))
+
+
+_install_telemetry()
+
+
+# -- building clients ---------------------------------------------------------------------
+
+
+ClientFor = Callable[..., AsyncApimart]
+
+
+@pytest.fixture
+def client_for() -> ClientFor:
+    """``client_for(fake, **kw)``: a client on *fake*'s in-process transport, polling fast.
+
+    Keyword arguments override the defaults (fast poll schedule, a poll budget for
+    tasks that last milliseconds).
+    """
+
+    def make(fake: FakeApimart, **kw: Any) -> AsyncApimart:
+        kw.setdefault("api_key", fake.api_key)
+        kw.setdefault("poll", FAST_POLL)
+        kw.setdefault("limits", FAST_LIMITS)
+        if "http_client" not in kw and "base_url" not in kw:
+            kw.setdefault("transport", fake.transport())
+        return AsyncApimart(**kw)
+
+    return make
 
 
 # -- key containment, suite-wide ---------------------------------------------------------
 
 _POLICED_LENGTH = 8  # shorter keys ("test") are too common a word to police
-_IN_API_CALL: contextvars.ContextVar[bool] = contextvars.ContextVar("_IN_API_CALL", default=False)
 
 
 @pytest.fixture(autouse=True)
 def _key_containment(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Every request and DEBUG log record: a key only in Authorization to its API origin.
+    """Every in-process request and every log record: a key only in ``Authorization``
+    on an API path (``/v1/...``), never in a URL, a body, another header or a log line.
 
-    API calls bypass ``httpx.AsyncClient.send`` (they go straight to the transport), so
-    the exchange factories of ``_http`` are watched too; downloads go through ``send``.
+    Observed at the public transport boundary (the fake's in-process transport and
+    ``httpx.MockTransport``), so it holds whatever path a request took inside the
+    client. Keys are learned from the ``Authorization`` headers of API requests.
     """
-    keys: dict[str, str] = {}  # key -> its client's API origin
+    keys: set[str] = set()
     problems: list[str] = []
 
-    def origin(url: httpx.URL) -> str:
-        port = url.port or (443 if url.scheme == "https" else 80)
-        return f"{url.scheme}://{url.host}:{port}"
-
-    def check(url: str, headers: Iterable[tuple[str, str]], body: object) -> None:
-        parsed = httpx.URL(url)
-        for key, api_origin in keys.items():
+    def check(request: httpx.Request) -> None:
+        url = str(request.url)
+        auth = request.headers.get("authorization", "")
+        api_path = "/v1/" in request.url.path
+        if auth.startswith("Bearer ") and len(auth) - 7 >= _POLICED_LENGTH:
+            if api_path:
+                keys.add(auth[7:])
+            else:
+                problems.append(f"Authorization sent to a non-API URL {url}")
+        body = request.content if isinstance(request.stream, httpx.ByteStream) else b""
+        for key in keys:
             if key in url:
                 problems.append(f"key in URL {url}")
-            if isinstance(body, bytes | bytearray) and key.encode() in body:
+            if key.encode() in body:
                 problems.append(f"key in the body of {url}")
-            for name, value in headers:
-                if key in value and not (
-                    name.lower() == "authorization"
-                    and _IN_API_CALL.get()
-                    and origin(parsed) == api_origin
-                ):
+            for name, value in request.headers.items():
+                if key in value and name.lower() != "authorization":
                     problems.append(f"key in header {name!r} of {url}")
 
-    core_init = _http.HttpCore.__init__
+    def watched(cls: Any) -> None:
+        handle = cls.handle_async_request
 
-    def init(self: Any, client: Any, *, api_key: str, base_url: httpx.URL, **kw: Any) -> None:
-        if len(api_key) >= _POLICED_LENGTH:
-            keys[api_key] = origin(httpx.URL(str(base_url)))
-        core_init(self, client, api_key=api_key, base_url=base_url, **kw)
+        async def handle_async_request(self: Any, request: httpx.Request) -> Any:
+            check(request)
+            return await handle(self, request)
 
-    def watched(make: Any) -> Any:
-        def factory(target: Any) -> Any:
-            exchange = make(target)
+        monkeypatch.setattr(cls, "handle_async_request", handle_async_request)
 
-            async def watched_exchange(
-                method: str, url: str, headers: dict[str, str], content: Any, timeout: Any, cap: int
-            ) -> Any:
-                token = _IN_API_CALL.set(True)
-                try:
-                    check(url, headers.items(), content)
-                    return await exchange(method, url, headers, content, timeout, cap)
-                finally:
-                    _IN_API_CALL.reset(token)
-
-            return watched_exchange
-
-        return factory
-
-    send = httpx.AsyncClient.send
-
-    async def watched_send(self: httpx.AsyncClient, request: httpx.Request, **kw: Any) -> Any:
-        body = request.content if isinstance(request.stream, httpx.ByteStream) else None
-        check(str(request.url), request.headers.multi_items(), body)
-        return await send(self, request, **kw)
+    watched(FakeTransport)
+    watched(httpx.MockTransport)
 
     class Watch(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
-            text = logging.Formatter().format(record)
+            text = logging.Formatter().format(record) + repr(vars(record))
             problems.extend(f"key in a log record of {record.name}" for k in keys if k in text)
 
-    monkeypatch.setattr(_http.HttpCore, "__init__", init)
-    monkeypatch.setattr(_http, "via_transport", watched(_http.via_transport))
-    monkeypatch.setattr(_http, "via_client", watched(_http.via_client))
-    monkeypatch.setattr(httpx.AsyncClient, "send", watched_send)
     root = logging.getLogger()
     handler, level = Watch(logging.DEBUG), root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG)
+    if SPANS is not None:
+        SPANS.clear()
     try:
         yield
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+    for span in SPANS.get_finished_spans() if SPANS is not None else ():
+        text = repr(dict(span.attributes or {})) + repr(
+            [(e.name, dict(e.attributes or {})) for e in span.events]
+        )
+        problems.extend(f"key in span {span.name}" for k in keys if k in text)
     if problems:
         pytest.fail("API key leaked:\n" + "\n".join(sorted(set(problems))), pytrace=False)

@@ -384,8 +384,11 @@ def test_a_task_the_service_does_not_know_is_retried_next_run(tmp_path: Path) ->
     out = tmp_path / "out"
     first = FakeApimart(latency=Latency.fixed(1.0, time_scale=1.0))
 
-    def stop(event: Event) -> None:
-        if isinstance(event, SubmittedEvent) and len(first.tasks) == 2:
+    interrupted: list[bool] = []
+
+    def stop(event: Event) -> None:  # one Ctrl-C, once both tasks exist
+        if isinstance(event, SubmittedEvent) and len(first.tasks) == 2 and not interrupted:
+            interrupted.append(True)
             os.kill(os.getpid(), signal.SIGINT)
 
     assert cli("batch", str(src), "--out", str(out), fake=first, on_event=stop).code == 130
@@ -402,32 +405,34 @@ def test_a_task_the_service_does_not_know_is_retried_next_run(tmp_path: Path) ->
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("anyio_backend", ["asyncio", "trio"])
-async def test_submit_watch_reports_submits_before_sending_them() -> None:
-    """API calls keep the fast path; a submit is reported (key, exact body) before it
-    is sent, and a report that fails stops the submit from being sent at all."""
+async def test_submitting_event_reports_submits_before_sending_them() -> None:
+    """A submit is reported (key, exact body) before it is sent, and a report that
+    fails stops the submit from being sent at all: what the journal relies on."""
     from apimart_async import AsyncApimart, PollPolicy
-    from apimart_async.cli._setup import SubmitWatch
+    from apimart_async.types import SubmittingEvent
 
     fake = FakeApimart(api_key="k", latency=Latency.zero())
     seen: list[tuple[str, bytes, int]] = []
 
-    def on_submit(key: str, body: bytes) -> None:
-        seen.append((key, body, fake.stats.submits))  # submits the fake saw so far
+    def on_event(event: Event) -> None:
+        if isinstance(event, SubmittingEvent):  # submits the fake saw so far
+            seen.append((event.idempotency_key, event.body, fake.stats.submits))
 
-    watch = SubmitWatch(fake.transport(), on_submit)
     poll = PollPolicy().scaled(0.001)
-    async with AsyncApimart(api_key="k", transport=watch, poll=poll) as client:
-        task = await client.generate(model=GEM, prompt="a fox", idempotency_key="key-1")
+    async with AsyncApimart(api_key="k", transport=fake.transport(), poll=poll) as client:
+        task = await client.generate(
+            model=GEM, prompt="a fox", idempotency_key="key-1", on_event=on_event
+        )
     assert task.status.is_terminal
     assert len(seen) == 1
     key, body, submits_before = seen[0]
     assert key == "key-1" and json.loads(body)["prompt"] == "a fox" and submits_before == 0
 
-    def refuse(key: str, body: bytes) -> None:
-        raise RuntimeError("journal is read-only")
+    def refuse(event: Event) -> None:
+        if isinstance(event, SubmittingEvent):
+            raise OSError("journal is read-only")
 
-    refused = SubmitWatch(fake.transport(), refuse)
-    async with AsyncApimart(api_key="k", transport=refused, poll=poll) as client:
-        with pytest.raises(RuntimeError, match="read-only"):
-            await client.submit(model=GEM, prompt="again")
+    async with AsyncApimart(api_key="k", transport=fake.transport(), poll=poll) as client:
+        with pytest.raises(OSError, match="read-only"):
+            await client.submit(model=GEM, prompt="again", on_event=refuse)
     assert fake.stats.submits == 1  # the refused submit never reached the service

@@ -14,9 +14,9 @@ import pytest
 
 import apimart_async as am
 from apimart_async import AsyncApimart, TaskStatus
-from apimart_async._http import idempotent_hook, submit_hook
+from apimart_async._retry import Retrier, is_transient, submit_retryable
 
-from .conftest import FAST_POLL
+from .conftest import FAST_POLL, until
 from .mock import SUBMIT_A, SUBMIT_B, SUBMIT_C, SUBMIT_D, Script, reply, task_body
 
 pytestmark = pytest.mark.anyio
@@ -429,20 +429,22 @@ async def test_submit_4xx_is_final_and_not_uncertain() -> None:
 
 
 async def test_retry_after_is_honoured_and_capped() -> None:
-    """The hook returns the server's wait (seconds or HTTP date), capped."""
-    hook = idempotent_hook(retry_after_max=60.0)
-    err = am.RateLimitError("slow", retry_after=7.5, status_code=429)
-    assert hook(err) == 7.5
-    assert hook(am.RateLimitError("slow", retry_after=3600, status_code=429)) == 60.0
-    assert hook(am.RateLimitError("slow", retry_after=None, status_code=429)) is True
+    """The wait is the server's (seconds or HTTP date), capped; else exponential."""
+    policy = am.RetryPolicy(wait_initial=0.5, wait_jitter=0.0, wait_max=20.0, retry_after_max=60.0)
+    retrier = Retrier(policy, is_transient, "task query")
+    assert retrier.backoff(1, am.RateLimitError("slow", retry_after=7.5, status_code=429)) == 7.5
+    assert retrier.backoff(1, am.RateLimitError("slow", retry_after=3600, status_code=429)) == 60.0
+    no_hint = am.RateLimitError("slow", retry_after=None, status_code=429)
+    assert [retrier.backoff(n, no_hint) for n in (1, 2, 3, 7)] == [0.5, 1.0, 2.0, 20.0]
     server = am.ServerError(
         "busy", status_code=503, headers={"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}
     )
-    assert hook(server) == 0.0  # a date in the past means "now"
-    assert hook(am.BadRequestError("no", status_code=400)) is False
-    submit = submit_hook(60.0, retry_ambiguous=False)
-    assert submit(am.ServerError("x", status_code=500)) is False
-    assert submit(am.ServerError("x", status_code=500, code="get_channel_failed")) is True
+    assert retrier.backoff(1, server) == 0.0  # a date in the past means "now"
+    assert not is_transient(am.BadRequestError("no", status_code=400))
+    submit = submit_retryable(retry_uncertain=False)
+    assert not submit(am.ServerError("x", status_code=500))
+    assert submit(am.ServerError("x", status_code=500, code="get_channel_failed"))
+    assert submit_retryable(retry_uncertain=True)(am.ServerError("x", status_code=500))
 
 
 async def test_retry_after_longer_than_deadline_is_not_slept() -> None:
@@ -499,14 +501,23 @@ async def test_wait_failed_cancelled_and_timeout() -> None:
 
 async def test_pipeline_deadline_names_the_stage_it_interrupted() -> None:
     """Queued for a submit slot: never sent, APITimeoutError; polling: TaskTimeoutError."""
-    script = Script(reply(200, SUBMIT_A), *[reply(200, task_body(status="processing"))] * 200)
-    async with make(script, limits=am.Limits(submits=1)) as client:
-        async with client._submit_limiter:  # the one submit slot is taken
-            with anyio.fail_after(5), pytest.raises(am.APITimeoutError) as info:
-                await client.generate(model="imagen-4.0-apimart", prompt="p", timeout=0.05)
+    release = anyio.Event()
+
+    async def held_submit(request: httpx.Request) -> httpx.Response:
+        await release.wait()  # the first generate holds the only submit slot meanwhile
+        return reply(200, SUBMIT_A)
+
+    script = Script(held_submit, *[reply(200, task_body(status="processing"))] * 200)
+    async with make(script, limits=am.Limits(submits=1)) as client, anyio.create_task_group() as tg:
+        tg.start_soon(lambda: client.submit(model="imagen-4.0-apimart", prompt="first"))
+        await until(lambda: script.requests)
+        with anyio.fail_after(5), pytest.raises(am.APITimeoutError) as info:
+            await client.generate(model="imagen-4.0-apimart", prompt="p", timeout=0.05)
         assert not isinstance(info.value, am.TaskTimeoutError)
         assert info.value.sent is False and "waiting to submit" in str(info.value)
-        assert script.requests == []
+        assert len(script.requests) == 1  # only the first submit was ever sent
+        release.set()
+    async with make(script) as client:
         with pytest.raises(am.TaskTimeoutError) as tinfo:
             await client.generate(model="imagen-4.0-apimart", prompt="p", timeout=0.05)
     assert tinfo.value.task is not None and tinfo.value.task.status is TaskStatus.PROCESSING

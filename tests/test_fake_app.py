@@ -306,9 +306,10 @@ async def test_every_documented_model_is_accepted(model: str) -> None:
 # -- submit shapes -------------------------------------------------------------------
 
 
-async def test_submit_shape_list_is_the_default() -> None:
-    """Shape A: ``{"code":200,"data":[{"status":"submitted","task_id":...}]}``."""
+async def test_submit_shape_list_without_the_version_header() -> None:
+    """Shape A by default when no version is pinned: ``{"code":200,"data":[{...}]}``."""
     fake = FakeApimart()
+    assert fake.variants.submit_shape == "auto"
     async with client(fake) as c:
         body = (await submit(c)).json()
     assert body["code"] == 200 and len(body["data"]) == 1
@@ -347,9 +348,11 @@ async def test_submit_shape_versioned() -> None:
     assert body["data"]["object"] == "generation.task" and body["data"]["id"] in fake.tasks
 
 
-async def test_submit_shape_auto_follows_the_version_header() -> None:
-    """``auto`` answers shape D to requests pinning the response version, A otherwise."""
-    fake = FakeApimart(variants=Variants(submit_shape="auto"))
+@pytest.mark.parametrize("variants", [None, Variants(submit_shape="auto")])
+async def test_submit_shape_auto_follows_the_version_header(variants: Variants | None) -> None:
+    """``auto`` (the default) answers shape D to requests pinning the response version
+    (as the official skill client does), A otherwise."""
+    fake = FakeApimart(variants=variants)
     async with client(fake) as c:
         plain = (await submit(c)).json()
         pinned = (
@@ -361,6 +364,28 @@ async def test_submit_shape_auto_follows_the_version_header() -> None:
         ).json()
     assert isinstance(plain["data"], list)
     assert isinstance(pinned["data"], dict) and "request_id" in pinned
+    assert pinned["data"]["object"] == "generation.task" and pinned["data"]["id"] in fake.tasks
+
+
+@pytest.mark.parametrize("shape", ["list", "object", "top_level"])
+async def test_a_fixed_submit_shape_ignores_the_version_header(shape: str) -> None:
+    """A fixed shape stays selectable: the header does not turn it into shape D."""
+    fake = FakeApimart(variants=Variants(submit_shape=shape))  # type: ignore[arg-type]
+    async with client(fake) as c:
+        pinned = (
+            await c.post(
+                "/v1/images/generations",
+                json={"model": "imagen-4.0-apimart", "prompt": "x"},
+                headers={"X-APIMart-Response-Version": "2026-07-27"},
+            )
+        ).json()
+    assert "request_id" not in pinned
+    if shape == "list":
+        assert pinned["data"][0]["task_id"] in fake.tasks
+    elif shape == "object":
+        assert pinned["data"]["object"] == "image.generation.task"
+    else:
+        assert pinned["id"] in fake.tasks
 
 
 # -- task lifecycle ------------------------------------------------------------------
@@ -532,18 +557,22 @@ async def test_stuck_tasks_never_finish() -> None:
     assert fake.status_of(odd) == "queued_upstream"
 
 
-async def test_unknown_task_id_is_the_documented_400() -> None:
-    """An unknown id: 400 ``无效的任务ID`` (English with ``?language=en``)."""
+async def test_unknown_task_id_is_the_documented_400_in_english_by_default() -> None:
+    """An unknown id: 400 in English by default (§6.1), ``无效的任务ID`` with ``language=zh``."""
     fake = FakeApimart()
     async with client(fake) as c:
-        zh = await c.get("/v1/tasks/task_nope")
+        plain = await c.get("/v1/tasks/task_nope")
+        zh = await c.get("/v1/tasks/task_nope", params={"language": "zh"})
         en = await c.get("/v1/tasks/task_nope", params={"language": "en"})
-    assert zh.status_code == en.status_code == 400
-    error = zh.json()["error"]
+        other = await c.get("/v1/tasks/task_nope", params={"language": "ko"})
+    assert plain.status_code == zh.status_code == en.status_code == other.status_code == 400
+    error = plain.json()["error"]
     assert error["code"] == 400 and error["type"] == "invalid_request_error"
-    assert error["message"].startswith("无效的任务ID (request id: ")
+    assert error["message"].startswith("Invalid task ID (request id: ")
+    assert zh.json()["error"]["message"].startswith("无效的任务ID (request id: ")
     assert en.json()["error"]["message"].startswith("Invalid task ID (request id: ")
-    assert fake.stats.polls == 2 and fake.stats.polls_by_task == {}
+    assert other.json()["error"]["message"].startswith("Invalid task ID (request id: ")
+    assert fake.stats.polls == 4 and fake.stats.polls_by_task == {}
 
 
 # -- idempotency ---------------------------------------------------------------------

@@ -130,11 +130,15 @@ async def test_short_stall_is_answered() -> None:
 # -- error answers (nothing done) ----------------------------------------------------
 
 
-@pytest.mark.parametrize(("retry_after", "header"), [(0.01, "0.01"), (2.0, "2"), (None, None)])
-async def test_rate_limit_carries_retry_after(
+@pytest.mark.parametrize(
+    ("retry_after", "header"),
+    [(0.01, "1"), (0.0, "0"), (2.0, "2"), (2.5, "3"), (None, None)],
+)
+async def test_rate_limit_carries_whole_seconds_retry_after(
     retry_after: float | None, header: str | None
 ) -> None:
-    """429 with the configured Retry-After (fractions allowed, or none), no task created."""
+    """429 with the configured Retry-After as whole delta-seconds (fractions rounded up,
+    as HTTP allows only integers), or none; no task created."""
     fake = FakeApimart(faults=Faults(retry_after=retry_after))
     fake.script("submit", ["rate_limit"])
     async with client(fake) as c:
@@ -372,6 +376,8 @@ async def test_task_fate_probabilities(faults: Faults, status: str) -> None:
         {"only": ("everywhere",)},
         {"server_error_statuses": ()},
         {"retry_after": -1.0},
+        {"retry_after": float("inf")},
+        {"balance_failed": 1.5},
     ],
 )
 def test_invalid_faults_are_rejected(kwargs: dict[str, Any]) -> None:

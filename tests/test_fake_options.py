@@ -7,7 +7,7 @@ import random
 import httpx
 import pytest
 
-from apimart_async.testing import FakeApimart, Fault, Latency, ManualClock, Variants
+from apimart_async.testing import FakeApimart, Fault, Latency, ManualClock, Variants, Webhooks
 from apimart_async.testing._images import sniff_image_type
 from apimart_async.testing._multipart import MultipartError, boundary_of, parse_multipart
 
@@ -146,3 +146,38 @@ async def test_unicode_and_path_filenames_round_trip() -> None:
             assert "#" not in body["url"].split("/f/", 1)[1]  # escaped, so still one URL path
             got = await c.get(body["url"])
             assert got.content == png and fake.stored_upload(body["url"]) == png
+
+
+def test_variants_defaults_and_new_fields() -> None:
+    """The submit shape follows the version header by default; the synchronous result
+    and the unlimited-balance shapes are selectable; bad values name the field."""
+    assert Variants().submit_shape == "auto"
+    assert Variants(submit_shape="result").submit_shape == "result"
+    assert Variants.from_dict({"unlimited_balance": "flag"}).unlimited_balance == "flag"
+    assert all(v.submit_shape != "result" for v in Variants.all())
+    with pytest.raises(ValueError, match="unlimited_balance"):
+        Variants(unlimited_balance="sometimes")  # type: ignore[arg-type]
+
+
+def test_webhooks_options() -> None:
+    """``Webhooks``: the documented retry schedule by default, JSON-buildable, and every
+    bad value rejected with its name."""
+    default = Webhooks()
+    assert default.retry_delays == (10.0, 30.0, 60.0) and default.max_attempts == 4
+    assert (default.drop, default.duplicate, default.failures, default.delay) == (0, 0, 0, 0)
+    built = Webhooks.from_dict({"drop": 0.1, "retry_delays": [1, 2], "callback_first": True})
+    assert built == Webhooks(drop=0.1, retry_delays=(1, 2), callback_first=True)
+    assert built.max_attempts == 3
+    for bad, name in (
+        ({"drop": 1.5}, "drop"),
+        ({"duplicate": -0.1}, "duplicate"),
+        ({"failures": -1}, "failures"),
+        ({"failures": True}, "failures"),
+        ({"delay": -1.0}, "delay"),
+        ({"retry_delays": (1.0, float("inf"))}, "retry_delays"),
+        ({"timeout": 0.0}, "timeout"),
+    ):
+        with pytest.raises(ValueError, match=name):
+            Webhooks(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unknown Webhooks fields"):
+        Webhooks.from_dict({"retries": 3})

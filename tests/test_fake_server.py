@@ -22,7 +22,7 @@ import httpx
 import pytest
 
 import apimart_async
-from apimart_async.testing import FakeApimart, Faults, Latency
+from apimart_async.testing import FakeApimart, Faults, Latency, Webhooks
 
 pytestmark = pytest.mark.anyio
 
@@ -215,7 +215,7 @@ def test_cli_prints_its_url_serves_and_exits_cleanly() -> None:
 
 def test_cli_arguments_build_the_fake() -> None:
     """Each CLI option maps onto the fake's configuration; bad values are errors."""
-    from apimart_async.testing.__main__ import build_parser, fake_from_args
+    from apimart_async.testing.__main__ import build_parser, fake_from_args, webhook_rewrites
 
     parser = build_parser()
     fake = fake_from_args(
@@ -235,6 +235,15 @@ def test_cli_arguments_build_the_fake() -> None:
                 "--accept-unknown-models",
                 "--seed",
                 "9",
+                "--balance",
+                "2.5",
+                "--price",
+                "flux-kontext-pro=0.5",
+                "--price",
+                "my-model=0.01",
+                "--payment-required-on-reads",
+                "--webhooks",
+                '{"drop": 0.01, "retry_delays": [1, 2, 3]}',
             ]
         )
     )
@@ -242,12 +251,28 @@ def test_cli_arguments_build_the_fake() -> None:
     assert fake.faults == {"submit": Faults(rate_limit=0.2)}
     assert fake.variants.url_shape == "string" and fake.variants.submit_shape == "object"
     assert not fake.honour_idempotency
-    assert fake_from_args(parser.parse_args([])).latency == Latency.fast()
+    assert fake.balance.remaining == 2.5 and fake.payment_required_on_reads
+    assert fake.price_of("flux-kontext-pro") == 0.5 and fake.price_of("my-model") == 0.01
+    assert fake.webhooks == Webhooks(drop=0.01, retry_delays=(1, 2, 3))
+    plain = fake_from_args(parser.parse_args([]))
+    assert plain.latency == Latency.fast() and plain.balance.unlimited
+    assert plain.state_path is None and plain.webhooks == Webhooks()
+    rewrites = webhook_rewrites(
+        parser.parse_args(["--webhook-rewrite", "https://h.example.com=http://127.0.0.1:9"])
+    )
+    assert rewrites == {"https://h.example.com": "http://127.0.0.1:9"}
     for bad in (
         ["--latency", "slow"],
         ["--faults", "[1]"],
         ["--faults", "{"],
         ["--variants", '{"x": 1}'],
+        ["--price", "flux-kontext-pro"],
+        ["--price", "flux-kontext-pro=cheap"],
+        ["--price", "flux-kontext-pro=-1"],
+        ["--balance", "-3"],
+        ["--webhooks", '{"drop": 2}'],
     ):
         with pytest.raises((ValueError, TypeError)):
             fake_from_args(parser.parse_args(bad))
+    with pytest.raises(ValueError, match="--webhook-rewrite"):
+        webhook_rewrites(parser.parse_args(["--webhook-rewrite", "nothing"]))

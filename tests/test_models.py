@@ -14,7 +14,7 @@ from typing import Any, cast
 import pytest
 from pydantic import TypeAdapter, ValidationError
 
-from apimart_async import InvalidRequestError, UnknownModelError
+from apimart_async import InvalidRequestError, UnknownModelError, models
 from apimart_async.models import (
     MODELS,
     BaseImageRequest,
@@ -830,3 +830,41 @@ def test_representative_bodies(params: dict[str, Any], body: dict[str, Any]) -> 
     assert json.dumps(parse_request(params).to_body(), sort_keys=True) == json.dumps(
         body, sort_keys=True
     )
+
+
+@pytest.mark.parametrize(
+    ("build", "field"),
+    [
+        (
+            lambda: models.Gemini3ProImageRequest(
+                model="gemini-3-pro-image-preview", prompt="x", n=5
+            ),
+            "n",
+        ),
+        (
+            lambda: models.Imagen4Request(model="imagen-4.0-apimart", prompt="x", size="21:9"),
+            "size",
+        ),
+        (
+            lambda: models.FluxKontextRequest(
+                model="flux-kontext-pro", prompt="x", image_urls=["https://a.example/1.png"] * 2
+            ),
+            "image_urls",
+        ),
+    ],
+)
+def test_models_built_directly_raise_invalid_request_error(build: Any, field: str) -> None:
+    """Built directly, a model fails like parse_request: InvalidRequestError naming
+    the model, the field and what is allowed, never pydantic's raw error."""
+    with pytest.raises(InvalidRequestError) as info:
+        build()
+    assert not isinstance(info.value, ValidationError)
+    assert [f for f, _ in info.value.errors] == [field]
+    assert str(info.value).startswith(f"{info.value.model}: {field}: ")
+
+
+def test_sequence_fields_take_lists_and_store_tuples() -> None:
+    request = models.Gemini3ProImageRequest(
+        model="gemini-3-pro-image-preview", prompt="x", image_urls=["https://a.example/1.png"]
+    )
+    assert request.image_urls == ("https://a.example/1.png",)

@@ -7,11 +7,14 @@ import types
 
 import pytest
 
+import apimart_async
+
 PUBLIC_MODULES = [
     "apimart_async",
     "apimart_async.models",
     "apimart_async.types",
     "apimart_async.testing",
+    "apimart_async.webhooks",
 ]
 
 
@@ -67,3 +70,29 @@ def test_import_has_no_side_effects(monkeypatch: pytest.MonkeyPatch) -> None:
     clients = {"AsyncApimart", "Apimart"}
     assert not any(type(v).__name__ in clients for v in vars(module).values())
     assert set(threading.enumerate()) == threads
+
+
+def test_the_cli_uses_only_the_public_api() -> None:
+    """``apimart_async/cli`` imports no private module of the package (``apimart_async._x``)."""
+    import ast
+    from pathlib import Path
+
+    cli = Path(apimart_async.__file__).parent / "cli"
+    private: list[str] = []
+    for path in sorted(cli.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom):
+                names = [f"{'.' * node.level}{node.module or ''}"]
+                if node.level == 1 or (node.module or "").startswith("apimart_async.cli"):
+                    continue  # the CLI's own modules
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            for name in names:
+                parts = name.lstrip(".").split(".")
+                if (name.startswith("..") or parts[0] == "apimart_async") and any(
+                    p.startswith("_") for p in parts[1 if parts[0] == "apimart_async" else 0 :]
+                ):
+                    private.append(f"{path.name}: {name}")
+    assert private == []

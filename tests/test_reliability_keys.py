@@ -298,7 +298,8 @@ async def test_reprs_of_everything_that_holds_the_key() -> None:
     """The client, its HTTP core, and a borrowed client's wrapper never show the key."""
     async with httpx.AsyncClient() as borrowed:
         client = AsyncApimart(api_key=KEY, http_client=borrowed)
-        for obj in (client, client._http, vars(client)):
+        res = client._res
+        for obj in (client, res, res.http, res.http.transport, vars(client)):
             assert not leaks(repr(obj)) and not leaks(str(obj))
         await client.aclose()
     with pytest.raises(ValueError) as info:

@@ -21,7 +21,7 @@ The run, in order:
    ========================  ====================================================
 
 3. ``generate_many`` runs the jobs; the journal records each step as it happens
-   (``SubmitWatch`` marks ``submitting`` just before a submit is sent, events mark
+   (``SubmittingEvent`` marks ``submitting`` just before a submit is sent, events mark
    ``submitted``/``completed``/``failed``/``uncertain``), and each completed task's
    images are downloaded as ``<id>_<n>.<ext>``;
 4. ``DIR/results.jsonl`` gets one record per input line, and a summary is printed.
@@ -60,7 +60,7 @@ from apimart_async import (
     TaskStatus,
 )
 from apimart_async.models import parse_request
-from apimart_async.types import CompletedEvent, FailedEvent, SubmittedEvent
+from apimart_async.types import CompletedEvent, FailedEvent, SubmittedEvent, SubmittingEvent
 
 from ._jobfile import JobFile, JobLine, read_jobs
 from ._journal import JobRecord, Journal, JournalError
@@ -146,7 +146,7 @@ def run_batch(
 ) -> BatchResult:
     """Run ``apimart batch``; see the module docstring. Raises ``UsageError``."""
     run = _Run(settings, ui, runtime)
-    client, fake = make_client(options, runtime, on_submit=run.on_submit)
+    client, fake = make_client(options, runtime)
     jobfile = _read(settings)
     _report_invalid(jobfile, ui, strict=settings.strict)
     try:
@@ -288,13 +288,20 @@ class _Run:
     # -- journal writes (synchronous: each is committed before the next step) -------
 
     def on_submit(self, key: str, body: bytes) -> None:
-        """``SubmitWatch``: a submit under *key* is about to be sent."""
+        """A submit attempt under *key* is about to be sent (``SubmittingEvent``).
+
+        Raising here (the journal cannot be written) stops the attempt: it is never
+        sent, so no submit is in flight without the journal knowing.
+        """
         job_id = self.by_key.get(key)
         if job_id is not None and self.journal is not None:
             self.journal.submitting(job_id, body.decode("utf-8"))
 
     def on_event(self, event: Event) -> None:
         """Record what the client reports, then update the display."""
+        if isinstance(event, SubmittingEvent):
+            self.on_submit(event.idempotency_key, event.body)
+            return
         index = event.job
         if index is not None and 0 <= index < len(self.planned) and self.journal is not None:
             job = self.planned[index]

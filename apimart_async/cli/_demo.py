@@ -36,9 +36,7 @@ if TYPE_CHECKING:
 __all__ = ["DEMO_JOBS", "cmd_demo", "demo_fake", "demo_lines"]
 
 DEMO_JOBS = 24
-DEMO_CONCURRENCY = 8
 DEMO_TIME_SCALE = 0.1
-DEMO_OUT = "apimart-demo-output"
 JOBS_NAME = "demo_jobs.jsonl"
 REFERENCE_NAME = "reference.png"
 # Request latency in service seconds (scaled like everything else).

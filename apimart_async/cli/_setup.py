@@ -8,10 +8,9 @@ client reads those itself). ``--fake`` (and ``apimart demo``) use an in-process
 ``Runtime`` is what the command line does not choose: tests pass a ``FakeApimart`` of
 their own (to read its counters afterwards) and an event spy.
 
-A batch watches its own submits through ``SubmitWatch``, a transport wrapper (kept on
-the client's fast path for API calls) that reports every submit (its
-``Idempotency-Key`` and exact body) just before it goes on the wire, so the journal
-can tell "never sent" from "maybe created a task".
+A batch watches its own submits through the client's ``SubmittingEvent`` (every
+attempt's ``Idempotency-Key`` and exact body, just before it goes on the wire), so the
+journal can tell "never sent" from "maybe created a task".
 """
 
 from __future__ import annotations
@@ -20,25 +19,26 @@ import json
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast, get_args
 
-import httpx
-
-from apimart_async import AsyncApimart, Limits, PollPolicy, RetryPolicy
-from apimart_async._http import via_transport
-from apimart_async._transports import default_transport
+from apimart_async import (
+    DEFAULT_WAIT_TIMEOUT,
+    AsyncApimart,
+    Limits,
+    MissingAPIKeyError,
+    PollPolicy,
+    RetryPolicy,
+)
 from apimart_async.testing import Endpoint, FakeApimart, Faults, FaultsSpec, Latency
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import AsyncIterable, Callable
+    from collections.abc import Callable
 
     from apimart_async import Event
-    from apimart_async._http import Exchange
 
 __all__ = [
     "DEFAULT_FAKE_SCALE",
     "ClientOptions",
     "Runtime",
-    "SubmitWatch",
     "UsageError",
     "make_client",
     "make_fake",
@@ -46,9 +46,7 @@ __all__ = [
 
 DEFAULT_FAKE_SCALE = 0.1
 """Real seconds per service second in the embedded fake: a 15 s task takes 1.5 s."""
-SUBMIT_PATH = "/v1/images/generations"
-# The real client's default deadline and the fake's request latency, in service seconds.
-_DEFAULT_WAIT = 900.0
+# The fake's request latency, in service seconds.
 _FAKE_REQUEST_LATENCY = (0.2, 1.0)
 _MIN_FAKE_WAIT = 60.0
 _MISSING_KEY = (
@@ -92,51 +90,6 @@ class ClientOptions:
         return cls(**{n: getattr(args, n) for n in names if getattr(args, n, None) is not None})
 
 
-class SubmitWatch(httpx.AsyncBaseTransport):
-    """Calls ``on_submit(idempotency_key, body)`` just before each submit is sent.
-
-    If *on_submit* raises, the submit is not sent (and the job fails with that error),
-    so a submit is never in flight without the journal knowing. API calls keep the
-    wrapped transport's fast path (``exchange``: our aiohttp pool on asyncio); anything
-    else (downloads) goes through ``handle_async_request``.
-    """
-
-    def __init__(
-        self, inner: httpx.AsyncBaseTransport, on_submit: Callable[[str, bytes], None]
-    ) -> None:
-        self._inner = inner
-        self._on_submit = on_submit
-        self._exchange = via_transport(inner)
-
-    async def exchange(
-        self,
-        method: str,
-        url: str,
-        headers: dict[str, str],
-        content: bytes | AsyncIterable[bytes] | None,
-        timeout: httpx.Timeout,
-        cap: int,
-    ) -> Exchange:
-        """Report a submit, then make the API call through the wrapped transport."""
-        if method == "POST" and url.endswith(SUBMIT_PATH) and isinstance(content, bytes):
-            key = headers.get("Idempotency-Key")
-            if key:
-                self._on_submit(key, content)
-        return await self._exchange(method, url, headers, content, timeout, cap)
-
-    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        """Report a submit, then send any request through the wrapped transport."""
-        if request.method == "POST" and request.url.path.endswith(SUBMIT_PATH):
-            key = request.headers.get("Idempotency-Key")
-            if key:
-                self._on_submit(key, request.content)
-        return await self._inner.handle_async_request(request)
-
-    async def aclose(self) -> None:
-        """Close the wrapped transport."""
-        await self._inner.aclose()
-
-
 def make_fake(options: ClientOptions) -> FakeApimart:
     """The embedded fake ``--fake`` describes (realistic latency, scaled, no faults)."""
     scale = options.time_scale or DEFAULT_FAKE_SCALE
@@ -170,10 +123,7 @@ def _faults(text: str) -> FaultsSpec:
 
 
 def make_client(
-    options: ClientOptions,
-    runtime: Runtime,
-    *,
-    on_submit: Callable[[str, bytes], None] | None = None,
+    options: ClientOptions, runtime: Runtime
 ) -> tuple[AsyncApimart, FakeApimart | None]:
     """The client for *options*, and the fake it talks to (None for the real API).
 
@@ -182,18 +132,17 @@ def make_client(
     fake = runtime.fake or (make_fake(options) if options.fake else None)
     limits = Limits(poll_rate=options.poll_rps) if options.poll_rps else None
     kwargs: dict[str, Any] = {"limits": limits, "wait_timeout": options.timeout}
-    inner: httpx.AsyncBaseTransport | None = None
     if fake is not None:
         scale = options.time_scale or fake.latency.time_scale or 1.0
-        inner = fake.transport()
         kwargs.update(
+            transport=fake.transport(),
             api_key=fake.api_key,
             poll=PollPolicy().scaled(scale),
             retry=RetryPolicy(wait_initial=0.5 * scale, wait_max=20 * scale, wait_jitter=scale),
             limits=limits or Limits(poll_rate=10_000.0, poll_burst=1_000),
             # Scaled like the fake's clock, but never below a minute of real time: a
             # loaded machine's overheads do not shrink with the scale.
-            wait_timeout=options.timeout or max(_DEFAULT_WAIT * scale, _MIN_FAKE_WAIT),
+            wait_timeout=options.timeout or max(DEFAULT_WAIT_TIMEOUT * scale, _MIN_FAKE_WAIT),
         )
     else:
         kwargs.update(api_key=options.api_key, base_url=options.base_url)
@@ -201,21 +150,12 @@ def make_client(
             kwargs["poll"] = PollPolicy().scaled(options.time_scale)
         if options.timeout is None:
             del kwargs["wait_timeout"]
-        if on_submit is not None:
-            # The client's own choice of pool (aiohttp on asyncio when installed),
-            # sized as it would size it: httpx ignores limits once given a transport.
-            size = (limits or Limits()).connections
-            inner = default_transport(
-                httpx.Limits(max_connections=size, max_keepalive_connections=size)
-            )
     if kwargs["limits"] is None:
         del kwargs["limits"]
-    if inner is not None:
-        kwargs["transport"] = SubmitWatch(inner, on_submit) if on_submit is not None else inner
     try:
         client = AsyncApimart(**kwargs)
+    except MissingAPIKeyError:
+        raise UsageError(_MISSING_KEY) from None
     except ValueError as exc:
-        if "APIMART_API_KEY" in str(exc):
-            raise UsageError(_MISSING_KEY) from None
         raise UsageError(str(exc)) from None
     return client, fake

@@ -3,7 +3,11 @@
 ``FakeApimart`` implements the service's upload, submit, task and file endpoints with
 its documented (and observed) bodies, tasks that progress on a clock, every response
 variant the service has been seen to send, latency profiles and fault injection, and
-counts everything so tests can assert on it::
+counts everything so tests can assert on it. It also has the service's money (a key
+balance that task costs draw down, 402 once it is spent, ``GET /v1/balance``), its
+``GET /v1/model-schema`` answers, webhook callbacks (``Webhooks``,
+``fake.webhook_sender()``), and an optional state file so a fake re-created in a new
+process continues the old one's tasks (``state_path=``)::
 
     from apimart_async import AsyncApimart
     from apimart_async.testing import FakeApimart, Faults
@@ -23,6 +27,7 @@ parsing), so that a test of the client against it can catch a bug in either.
 from __future__ import annotations
 
 from ._app import MAX_UPLOAD_BYTES
+from ._billing import Balance
 from ._fake import DEFAULT_BASE_URL, DEFAULT_FILES_BASE_URL, FakeApimart
 from ._images import RESULT_PNG
 from ._options import (
@@ -34,9 +39,12 @@ from ._options import (
     ManualClock,
     ScriptStep,
     Variants,
+    Webhooks,
 )
-from ._state import MODELS, FakeStats, FakeTask, ModelRules, RecordedRequest
+from ._state import MODELS, FakeStats, ModelRules, RecordedRequest
+from ._task import FakeTask
 from ._transport import FakeTransport
+from ._webhooks import WebhookDelivery, WebhookSender
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -44,6 +52,7 @@ __all__ = [
     "MAX_UPLOAD_BYTES",
     "MODELS",
     "RESULT_PNG",
+    "Balance",
     "Endpoint",
     "FakeApimart",
     "FakeStats",
@@ -58,6 +67,9 @@ __all__ = [
     "RecordedRequest",
     "ScriptStep",
     "Variants",
+    "WebhookDelivery",
+    "WebhookSender",
+    "Webhooks",
 ]
 
 

@@ -7,7 +7,10 @@ server down gracefully and exit with status 0. Counters and task timings are at
 ``GET /_fake/stats``; ``POST /_fake/reset`` zeroes them.
 
 Request recording is off here (it would grow without bound in a long benchmark);
-the counters are always kept. Needs the ``server`` extra (uvicorn).
+the counters are always kept. The server sends webhook callbacks itself (real HTTP;
+``--webhook-rewrite`` routes a public URL to a local listener). With ``--state FILE``
+the fake's tasks, uploads, keys and balance survive a restart (even ``kill -9``).
+Needs the ``server`` extra (uvicorn).
 
 What can go wrong: invalid options exit with status 2 and argparse's message; a port
 already in use exits with status 1 and says so on stderr; nothing but the URL line is
@@ -20,15 +23,17 @@ import argparse
 import json
 import signal
 import sys
-from typing import TYPE_CHECKING, NoReturn, cast
+from typing import TYPE_CHECKING, NoReturn, TypeVar, cast
 
 from ._fake import FakeApimart, files_origin
-from ._options import Latency, Variants
+from ._options import Latency, Variants, Webhooks
 from ._state import canonical_faults
 
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Sequence
     from types import FrameType
+
+_V = TypeVar("_V")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,6 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not keep uploaded bytes (GETs of upload URLs serve a tiny PNG)",
     )
+    parser.add_argument(
+        "--balance",
+        type=float,
+        default=None,
+        metavar="USD",
+        help="the key's balance; submits it cannot pay are refused with 402 (unlimited)",
+    )
+    parser.add_argument(
+        "--price",
+        action="append",
+        default=[],
+        metavar="MODEL=USD",
+        help="price per image of MODEL (repeatable; default: the built-in prices)",
+    )
+    parser.add_argument(
+        "--payment-required-on-reads",
+        action="store_true",
+        help="answer 402 to reads too while the balance is exhausted",
+    )
+    parser.add_argument(
+        "--webhooks",
+        default=None,
+        metavar="JSON",
+        help='Webhooks fields, e.g. \'{"drop": 0.01, "duplicate": 0.05, "delay": 1}\'',
+    )
+    parser.add_argument(
+        "--webhook-rewrite",
+        action="append",
+        default=[],
+        metavar="FROM=TO",
+        help="send callbacks for URLs starting with FROM to TO instead (repeatable)",
+    )
+    parser.add_argument(
+        "--state",
+        default=None,
+        metavar="FILE",
+        help="keep the fake's state in FILE and continue from it if it exists",
+    )
     return parser
 
 
@@ -100,6 +143,9 @@ def fake_from_args(args: argparse.Namespace) -> FakeApimart:
     variants = (
         Variants.from_dict(_json_object(args.variants, "--variants")) if args.variants else None
     )
+    webhooks = (
+        Webhooks.from_dict(_json_object(args.webhooks, "--webhooks")) if args.webhooks else None
+    )
     return FakeApimart(
         api_key=args.api_key,
         latency=latency,
@@ -110,7 +156,30 @@ def fake_from_args(args: argparse.Namespace) -> FakeApimart:
         seed=args.seed,
         record_requests=args.record_requests,
         store_uploads=not args.no_store_uploads,
+        balance=args.balance,
+        prices=_pairs(args.price, "--price", float),
+        payment_required_on_reads=args.payment_required_on_reads,
+        webhooks=webhooks,
+        state_path=args.state,
     )
+
+
+def webhook_rewrites(args: argparse.Namespace) -> dict[str, str]:
+    """The ``--webhook-rewrite FROM=TO`` pairs as a prefix mapping."""
+    return _pairs(args.webhook_rewrite, "--webhook-rewrite", str)
+
+
+def _pairs(items: list[str], option: str, convert: Callable[[str], _V]) -> dict[str, _V]:
+    out: dict[str, _V] = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        if not sep or not name or not value:
+            raise ValueError(f"{option} needs NAME=VALUE, got {item!r}")
+        try:
+            out[name] = convert(value)
+        except ValueError:
+            raise ValueError(f"{option} {item!r}: {value!r} is not valid") from None
+    return out
 
 
 def _json_object(text: str, option: str) -> dict[str, object]:
@@ -133,6 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         fake = fake_from_args(args)
+        rewrites = webhook_rewrites(args)
     except (ValueError, TypeError) as exc:
         parser.error(str(exc))
     try:
@@ -151,6 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     port: int = sock.getsockname()[1]
     url = api_origin(args.host, port)
     fake.use_files_base_url(files_origin(args.host, port, args.files_host))
+    fake.use_webhook_target(rewrite=rewrites or None)
 
     def announce() -> None:
         sys.stdout.write(f"APIMART_FAKE_URL={url}\n")

@@ -13,12 +13,20 @@ real handler (auth, validation, state change) -> optional after-the-fact fault
 create a task; the ambiguous ones (stall, drop_after_submit, malformed_json) run the
 handler first. Which shape each body takes is chosen by ``Variants``.
 
+Endpoints: uploads, submits (which reserve the task's price, or answer 402), task
+queries (English messages unless ``language`` says otherwise), result files, the
+balance reads of §10 (``/v1/balance``, ``/v1/user/balance`` and their aliases) and
+``GET /v1/model-schema`` (``_schema``). The same body a task query answers is what a
+webhook callback carries (``task_data``). An ASGI server that runs the app's lifespan
+gets a webhook sender for as long as it runs (``_webhooks``).
+
 What can go wrong: the app raises ``ConnectionDrop`` on purpose to drop a connection
 (see ``_asgi``); any other exception escaping it is a bug in the fake.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -29,9 +37,11 @@ from urllib.parse import parse_qs, quote
 import anyio
 
 from ._asgi import ConnectionDrop, DropKind, Message, Receive, Scope, Send
+from ._billing import CREDITS_PER_USD
 from ._images import RESULT_PNG, sniff_image_type
 from ._multipart import MultipartError, boundary_of, parse_multipart
-from ._options import Endpoint, Fault
+from ._options import ENDPOINTS, Endpoint, Fault
+from ._schema import OPERATION, describes, model_schema
 from ._state import (
     MODELS,
     UNKNOWN_MODEL,
@@ -40,9 +50,11 @@ from ._state import (
     StoredUpload,
     canonical_faults,
 )
+from ._webhooks import open_sender, payload_bytes
 
 if TYPE_CHECKING:
-    from ._state import FakeTask
+    from ._billing import Balance
+    from ._task import FakeTask
 
 __all__ = ["MAX_UPLOAD_BYTES", "App"]
 
@@ -55,6 +67,9 @@ SUBMIT_PATH = "/v1/images/generations"
 TASKS_PREFIX = "/v1/tasks/"
 FILES_PREFIX = "/f/"
 ADMIN_PREFIX = "/_fake/"
+SCHEMA_PATH = "/v1/model-schema"
+# §10: the key's balance and the account's, each with an alias outside /v1.
+BALANCE_PATHS = frozenset({"/v1/balance", "/balance", "/v1/user/balance", "/user/balance"})
 
 # Documented per-status error types (apimart-api.md §7.1).
 _TYPE_BY_STATUS = {
@@ -99,6 +114,9 @@ _DEFAULT_MESSAGES = {
     504: "Gateway timeout",
 }
 _CHANNEL_FAILED_MESSAGE = "Please wait and try again later. Thank you for your patience!"
+_BALANCE_FAILED_MESSAGE = "Failed to get token info"
+# §6.1: English by default; the documented Chinese text with language=zh. Languages we
+# have no observed text for get the English one.
 _INVALID_TASK_MESSAGES = {"en": "Invalid task ID", "zh": "无效的任务ID"}
 
 _JSON = b"application/json"
@@ -117,6 +135,8 @@ class _Response:
     body: bytes
     content_type: bytes = _JSON
     headers: list[tuple[bytes, bytes]] | None = None
+    # Wait for this event (at most this many seconds) before answering.
+    hold: tuple[anyio.Event, float] | None = None
 
 
 class _ClientGone(Exception):
@@ -131,8 +151,16 @@ def _json(status: int, obj: object, headers: list[tuple[bytes, bytes]] | None = 
     return _Response(status, _dumps(obj), _JSON, headers)
 
 
+# The endpoints faults can be injected on, by route name.
+_FAULT_SCOPES: dict[str, Endpoint] = {e: e for e in ENDPOINTS}
+
+
 def _route(method: str, path: str) -> tuple[Endpoint | str, bool]:
     """The endpoint a request is for, and whether its method is the right one."""
+    if path in BALANCE_PATHS:
+        return "balance", method == "GET"
+    if path == SCHEMA_PATH:
+        return "schema", method == "GET"
     if path == SUBMIT_PATH:
         return "submit", method == "POST"
     if path.startswith(TASKS_PREFIX) and "/" not in path[len(TASKS_PREFIX) :]:
@@ -168,7 +196,7 @@ class App:
             except _ClientGone:
                 return
         elif kind == "lifespan":
-            await _lifespan(receive, send)
+            await self._lifespan(receive, send)
 
     # -- the request pipeline -------------------------------------------------------
 
@@ -182,8 +210,9 @@ class App:
             return
         state = self.state
         fault: Fault | int | None = None
-        if method_ok and endpoint != "other":
-            fault = state.next_request_fault(cast("Endpoint", endpoint))
+        scoped = _FAULT_SCOPES.get(endpoint)
+        if method_ok and scoped is not None:
+            fault = state.next_request_fault(scoped)
             if fault is Fault.CONNECT_ERROR:
                 # Never reached the service: no counters, no record, nothing done.
                 state.count_fault(fault.value)
@@ -205,6 +234,10 @@ class App:
             stats.downloads += 1
             if "authorization" in headers:
                 stats.file_requests_with_auth += 1
+        elif endpoint == "balance":
+            stats.balance_reads += 1
+        elif endpoint == "schema":
+            stats.schema_reads += 1
 
         record: RecordedRequest | None = None
         if state.record_requests:
@@ -250,10 +283,17 @@ class App:
                     await _drop(send, "drop_after")
                 if fault is Fault.MALFORMED_JSON:
                     response = self._malformed(response)
+                if response.hold is not None:
+                    # Webhooks.callback_first: the callback goes out before this answer.
+                    event, bound = response.hold
+                    with anyio.move_on_after(bound):
+                        await event.wait()
             if record is not None:
                 record.status = response.status
-            counts = state.stats.status_counts
-            counts[response.status] = counts.get(response.status, 0) + 1
+            stats = state.stats
+            stats.status_counts[response.status] = stats.status_counts.get(response.status, 0) + 1
+            if response.status == 402:
+                stats.payment_required += 1
             await _send(send, response, method)
         finally:
             state.stats.in_flight -= 1
@@ -274,13 +314,20 @@ class App:
             return self._download(path, method)
         if endpoint == "other":
             return self._error(404, f"Invalid URL ({method} {path})")
-        denied = self._check_auth(headers)
+        denied = self._check_auth(headers, balance=endpoint == "balance")
         if denied is not None:
             return denied
+        if endpoint == "balance":
+            return self._balance()
         if endpoint == "submit":
             return self._submit(headers, body, record)
+        if self.state.reads_refused():
+            # Observed: a key with nothing left gets 402 even on reads (§7.2); opt-in.
+            return self._error(402, _DEFAULT_MESSAGES[402])
         if endpoint == "poll":
             return self._poll(path[len(TASKS_PREFIX) :], _query(scope))
+        if endpoint == "schema":
+            return self._schema(_query(scope))
         return self._upload(headers, body, record)
 
     # -- errors and faults ----------------------------------------------------------
@@ -336,6 +383,8 @@ class App:
             response = self._error(500, "upstream service error")
             response.status = 200
             return response
+        if fault is Fault.BALANCE_FAILED:
+            return _json(200, {"success": False, "message": _BALANCE_FAILED_MESSAGE})
         return None
 
     def _malformed(self, response: _Response) -> _Response:
@@ -345,7 +394,7 @@ class App:
             return _Response(200, body[: max(1, len(body) // 2)], _JSON)
         return _Response(200, _MALFORMED_HTML, _HTML)
 
-    def _check_auth(self, headers: dict[str, str]) -> _Response | None:
+    def _check_auth(self, headers: dict[str, str], *, balance: bool = False) -> _Response | None:
         auth = headers.get("authorization")
         rid = self.state.request_id()
         if auth is None or not auth.strip():
@@ -353,12 +402,10 @@ class App:
             return _json(401, {"error": {"message": message, "type": "apimart_error"}})
         scheme, _, key = auth.partition(" ")
         if scheme.lower() != "bearer" or key.strip() != self.state.api_key:
-            error = {
-                "code": "",
-                "message": f"invalid API key (request id: {rid})",
-                "param": "",
-                "type": "apimart_error",
-            }
+            message = f"invalid API key (request id: {rid})"
+            if balance:  # the /v1/balance variant has no code and no param (§7.2)
+                return _json(401, {"error": {"message": message, "type": "apimart_error"}})
+            error = {"code": "", "message": message, "param": "", "type": "apimart_error"}
             return _json(401, {"error": error})
         return None
 
@@ -391,9 +438,12 @@ class App:
         name = _sanitise_filename(part.filename, content_type)
         unix = state.unix()
         key = f"image/{int(unix * 1000)}-{state.rng.getrandbits(32):08x}-{name}"
-        state.uploads[key] = StoredUpload(
-            data if state.store_uploads else RESULT_PNG,
-            content_type if state.store_uploads else "image/png",
+        state.add_upload(
+            key,
+            StoredUpload(
+                data if state.store_uploads else RESULT_PNG,
+                content_type if state.store_uploads else "image/png",
+            ),
         )
         return _json(
             200,
@@ -450,6 +500,11 @@ class App:
         if len(urls) > rules.max_images:
             return self._error(400, f"{model} supports at most {rules.max_images} input images")
 
+        raw_webhook = data.get("webhook")
+        if raw_webhook is not None and not isinstance(raw_webhook, str):
+            return self._error(400, "webhook must be a string (a public http(s) base URL)")
+        webhook = raw_webhook.strip() if raw_webhook else None
+
         key = headers.get("idempotency-key")
         body_hash = ""
         honour = state.honour_idempotency and key is not None
@@ -476,6 +531,12 @@ class App:
                     record.task_id = task.id
                 return _json(200, task.submit_response, [(b"idempotency-replayed", b"true")])
 
+        # The price is reserved now and refunded if the task fails (§6.2, §7.3).
+        if not state.can_afford(state.price_micro(model, rules) * n):
+            return self._error(402, _DEFAULT_MESSAGES[402])
+        shape = state.variants.submit_shape
+        if shape == "auto":
+            shape = "versioned" if RESPONSE_VERSION_HEADER in headers else "list"
         task = state.create_task(
             model=model,
             prompt=prompt,
@@ -484,20 +545,25 @@ class App:
             rules=rules,
             idempotency_key=key,
             body_hash=body_hash,
+            register_key=honour,
+            answer=lambda t: self._submit_body(t, shape),
+            webhook=webhook,
+            instant=shape == "result",
         )
-        task.submit_response = self._submit_body(task, headers)
         if record is not None:
             record.task_id = task.id
+        if shape == "result" and task.terminal:
+            task.detected_at = task.created_at  # the answer itself reports the end
         extra: list[tuple[bytes, bytes]] | None = None
-        if honour and key is not None:
-            state.idempotency[key] = (body_hash, task.id)
+        if honour:
             extra = [(b"idempotency-replayed", b"false")]
-        return _json(200, task.submit_response, extra)
+        response = _json(200, task.submit_response, extra)
+        if state.webhooks.callback_first:
+            response.hold = state.dispatch.hold_for(task)
+        return response
 
-    def _submit_body(self, task: FakeTask, headers: dict[str, str]) -> dict[str, Any]:
-        shape = self.state.variants.submit_shape
-        if shape == "auto":
-            shape = "versioned" if RESPONSE_VERSION_HEADER in headers else "list"
+    def _submit_body(self, task: FakeTask, shape: str) -> dict[str, Any]:
+        state = self.state
         if shape == "list":
             return {"code": 200, "data": [{"status": "submitted", "task_id": task.id}]}
         if shape == "object":
@@ -516,9 +582,13 @@ class App:
             }
         if shape == "top_level":
             return {"id": task.id, "status": "submitted"}
+        if shape == "result" and task.terminal:
+            # §3.3 D, synchronous: the finished task itself, as a query would show it.
+            data = {"object": "generation.result", **self.task_data(task, state.clock())}
+            return {"code": 200, "request_id": state.request_id(), "data": data}
         return {
             "code": 200,
-            "request_id": self.state.request_id(),
+            "request_id": state.request_id(),
             "data": {"id": task.id, "status": "submitted", "object": "generation.task"},
         }
 
@@ -526,15 +596,23 @@ class App:
         state = self.state
         task = state.tasks.get(task_id)
         if task is None:
-            language = parse_qs(query).get("language", ["zh"])[0] if query else "zh"
-            message = _INVALID_TASK_MESSAGES["en" if language == "en" else "zh"]
+            language = parse_qs(query).get("language", ["en"])[0] if query else "en"
+            message = _INVALID_TASK_MESSAGES.get(language, _INVALID_TASK_MESSAGES["en"])
             return self._error(400, message)
         now = state.clock()
-        variants = state.variants
-        status, progress = task.phase(now, variants, state.task_faults.unknown_status)
+        data = self.task_data(task, now)
         task.polls += 1
         by_task = state.stats.polls_by_task
         by_task[task_id] = by_task.get(task_id, 0) + 1
+        if data["status"] in ("completed", "failed") and task.detected_at is None:
+            task.detected_at = now
+        return _json(200, {"code": 200, "data": data})
+
+    def task_data(self, task: FakeTask, now: float) -> dict[str, Any]:
+        """The ``data`` of a task query at clock time *now* (also a webhook's payload)."""
+        state = self.state
+        variants = state.variants
+        status, progress = task.phase(now, variants, state.task_faults.unknown_status)
         data: dict[str, Any] = {
             "id": task.id,
             "status": status,
@@ -543,20 +621,48 @@ class App:
             "estimated_time": task.estimated_time,
         }
         if status in ("completed", "failed"):
-            if task.detected_at is None:
-                task.detected_at = now
             completed = task.completed_unix
             data["completed"] = completed
             data["actual_time"] = completed - task.created_unix
             ok = status == "completed"
             if variants.include_cost:
+                # A failed task is refunded: it reports zero cost (§6.1).
                 data["cost"] = task.cost if ok else 0
-                data["credits_cost"] = round(task.cost * 10, 6) if ok else 0
+                data["credits_cost"] = round(task.cost * CREDITS_PER_USD, 6) if ok else 0
             if ok:
                 data["result"] = {"images": self._images(task, completed + RESULT_TTL)}
             else:
                 data["error"] = self._task_error(task.reason or "task failed")
-        return _json(200, {"code": 200, "data": data})
+        return data
+
+    def task_payload(self, task: FakeTask) -> bytes:
+        """A webhook callback's body: exactly what ``GET /v1/tasks/{id}`` answers now."""
+        return payload_bytes({"code": 200, "data": self.task_data(task, self.state.clock())})
+
+    def _balance(self) -> _Response:
+        """§10: ``{"success": true, "remain_balance", "used_balance", "unlimited_quota"}``."""
+        state = self.state
+        return _json(200, balance_body(state.balance(), state.variants.unlimited_balance))
+
+    def _schema(self, query: str) -> _Response:
+        state = self.state
+        params = parse_qs(query)
+        model = params.get("model", [""])[0].strip()
+        operation = params.get("operation", [OPERATION])[0]
+        if not model:
+            return self._error(400, "model is required")
+        known = model in MODELS or describes(model)
+        if not known and not state.accept_unknown_models:
+            return self._error(404, f"model {model} not found")
+        if operation != OPERATION:
+            return self._error(
+                400, f"model {model} does not support operation {operation}; use {OPERATION}"
+            )
+        rules = MODELS.get(model, UNKNOWN_MODEL)
+        return _json(
+            200,
+            model_schema(model, generic_n=rules.max_n, generic_images=rules.max_images),
+        )
 
     def _images(self, task: FakeTask, expires_at: int) -> list[dict[str, Any]]:
         state = self.state
@@ -595,6 +701,31 @@ class App:
                 return _Response(200, RESULT_PNG, b"image/png")
         return _Response(404, b"404 page not found", _TEXT)
 
+    # -- lifespan -------------------------------------------------------------------
+
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        """Run a webhook sender for as long as the server runs (unless one runs already).
+
+        The server's own loop is the one that runs the app, so the sender and the
+        state it reads live on one loop, as they must (see ``_webhooks``).
+        """
+        if (await receive())["type"] != "lifespan.startup":
+            return
+        state = self.state
+        async with contextlib.AsyncExitStack() as stack:
+            with contextlib.suppress(RuntimeError):  # a sender of the caller's runs already
+                await stack.enter_async_context(
+                    open_sender(
+                        state,
+                        self.task_payload,
+                        transport=state.webhook_transport,
+                        rewrite=state.webhook_rewrite,
+                    )
+                )
+            await send({"type": "lifespan.startup.complete"})
+            await _until_shutdown(receive)
+        await send({"type": "lifespan.shutdown.complete"})
+
     # -- admin ----------------------------------------------------------------------
 
     def _admin(self, method: str, path: str, query: str, body: bytes) -> _Response:
@@ -610,7 +741,7 @@ class App:
             else:
                 state.reset_stats()
             return _json(200, {"ok": True})
-        if name in ("script", "faults") and method == "POST":
+        if name in ("script", "faults", "balance") and method == "POST":
             return self._admin_configure(name, body)
         return _json(404, {"error": {"message": f"unknown admin path {path}", "type": "fake"}})
 
@@ -623,6 +754,8 @@ class App:
             spec = cast("dict[str, Any]", spec)
             if name == "script":
                 state.add_script(str(spec["endpoint"]), spec.get("steps", []))
+            elif name == "balance":
+                state.set_balance(spec["remaining"])
             else:
                 state.set_faults(canonical_faults(spec))
         except (ValueError, KeyError, TypeError) as exc:
@@ -650,10 +783,23 @@ def _fault_name(fault: Fault | int | None) -> str | None:
 
 
 def _retry_after(seconds: float) -> bytes:
-    # Whole seconds as an integer (what real servers send); fractions kept for fast tests.
-    if seconds == math.floor(seconds):
-        return str(int(seconds)).encode()
-    return f"{seconds:g}".encode()
+    # HTTP's delta-seconds is a non-negative integer: a fraction is rounded up, so a
+    # client that waits what it is told never comes back too early.
+    return str(math.ceil(seconds)).encode()
+
+
+def balance_body(balance: Balance, unlimited_shape: str) -> dict[str, Any]:
+    """The success body of ``GET /v1/balance`` (§10) for *balance*."""
+    remaining: float = -1 if balance.remaining is None else balance.remaining
+    unlimited = balance.unlimited
+    if unlimited and unlimited_shape == "flag":
+        remaining = 0  # only the flag says unlimited; the amount means nothing
+    return {
+        "success": True,
+        "remain_balance": remaining,
+        "used_balance": balance.used,
+        "unlimited_quota": unlimited and unlimited_shape != "minus_one",
+    }
 
 
 async def _read_body(receive: Receive) -> bytes:
@@ -704,11 +850,6 @@ async def _stall(receive: Receive, seconds: float) -> bool:
     return False
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.complete"})
-        elif message["type"] == "lifespan.shutdown":
-            await send({"type": "lifespan.shutdown.complete"})
-            return
+async def _until_shutdown(receive: Receive) -> None:
+    while (await receive())["type"] != "lifespan.shutdown":
+        pass

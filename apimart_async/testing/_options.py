@@ -1,4 +1,5 @@
-"""How a ``FakeApimart`` behaves: latency profiles, faults, response variants, clocks.
+"""How a ``FakeApimart`` behaves: latency profiles, faults, response variants, webhook
+delivery, clocks.
 
 These are small frozen value objects so one configuration can be shared by many fakes
 (or rebuilt from JSON for the server CLI) without any of them mutating it. They hold
@@ -33,10 +34,11 @@ __all__ = [
     "ManualClock",
     "ScriptStep",
     "Variants",
+    "Webhooks",
 ]
 
-Endpoint = Literal["upload", "submit", "poll", "download"]
-"""The four service endpoints a fault can be scoped to."""
+Endpoint = Literal["upload", "submit", "poll", "download", "balance"]
+"""The service endpoints a fault can be scoped to (``balance``: both balance reads)."""
 ENDPOINTS: tuple[Endpoint, ...] = get_args(Endpoint)
 
 
@@ -76,6 +78,7 @@ class Fault(str, enum.Enum):
     STALL = "stall"
     DROP_AFTER_SUBMIT = "drop_after_submit"
     MALFORMED_JSON = "malformed_json"
+    BALANCE_FAILED = "balance_failed"
     TASK_FAILED = "task_failed"
     TASK_STUCK = "task_stuck"
     TASK_UNKNOWN_STATUS = "task_unknown_status"
@@ -103,7 +106,13 @@ _REQUEST_FAULTS: tuple[Fault, ...] = (
     Fault.STALL,
     Fault.DROP_AFTER_SUBMIT,
     Fault.MALFORMED_JSON,
+    Fault.BALANCE_FAILED,
 )
+# Request-level faults that exist on one endpoint only.
+_ENDPOINT_ONLY: dict[Fault, Endpoint] = {
+    Fault.DROP_AFTER_SUBMIT: "submit",
+    Fault.BALANCE_FAILED: "balance",
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,14 +232,16 @@ class Faults:
     Request-level probabilities are mutually exclusive (at most one fault per
     request) and must add up to at most 1. *only* restricts them to some endpoints,
     e.g. ``Faults(server_error=0.1, only=("poll",))``; ``drop_after_submit`` applies to
-    submits only. For different rates per endpoint pass a mapping to the fake instead:
+    submits only, ``balance_failed`` to balance reads only. For different rates per
+    endpoint pass a mapping to the fake instead:
     ``FakeApimart(faults={"submit": Faults(rate_limit=0.2), "poll": Faults(stall=0.01)})``;
     task fates then come from the ``"submit"`` entry.
 
     Task-level probabilities (*task_failure*, *task_stuck*, *task_unknown_status*) are
     drawn once per created task and must also add up to at most 1.
 
-    Knobs: *retry_after* is the ``Retry-After`` value (seconds, fractions allowed;
+    Knobs: *retry_after* is the ``Retry-After`` value in seconds (sent as whole
+    delta-seconds, as HTTP requires: a fraction is rounded up, so ``0.01`` sends ``1``;
     ``None`` sends no header); *stall_seconds* how long a stalled answer is held back;
     *server_error_statuses* and *channel_failed_statuses* the statuses drawn from.
     """
@@ -244,11 +255,12 @@ class Faults:
     stall: float = 0.0
     malformed_json: float = 0.0
     error_in_200: float = 0.0
+    balance_failed: float = 0.0
     task_failure: float = 0.0
     task_stuck: float = 0.0
     task_unknown_status: float = 0.0
     only: tuple[Endpoint, ...] | None = None
-    retry_after: float | None = 0.01
+    retry_after: float | None = 1.0
     stall_seconds: float = 30.0
     server_error_statuses: tuple[int, ...] = (500, 502, 503)
     channel_failed_statuses: tuple[int, ...] = (500, 400)
@@ -269,8 +281,10 @@ class Faults:
                 raise ValueError(f"unknown endpoint {endpoint!r} in Faults.only; use {ENDPOINTS}")
         if not self.server_error_statuses or not self.channel_failed_statuses:
             raise ValueError("status tuples must not be empty")
-        if self.retry_after is not None and self.retry_after < 0:
-            raise ValueError("Faults.retry_after must be >= 0")
+        if self.retry_after is not None and not (
+            self.retry_after >= 0 and math.isfinite(self.retry_after)
+        ):
+            raise ValueError(f"Faults.retry_after must be >= 0 seconds, got {self.retry_after}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Faults:
@@ -309,7 +323,8 @@ class Faults:
         r = rng.random()
         acc = 0.0
         for fault in _REQUEST_FAULTS:
-            if fault is Fault.DROP_AFTER_SUBMIT and endpoint != "submit":
+            only = _ENDPOINT_ONLY.get(fault)
+            if only is not None and only != endpoint:
                 continue
             acc += self.probability(fault)
             if r < acc:
@@ -342,20 +357,25 @@ def _field_name(fault: Fault) -> str:
 FaultsSpec = Faults | Mapping[Endpoint, Faults]
 """What ``FakeApimart(faults=...)`` accepts: one ``Faults`` or one per endpoint."""
 
-SubmitShape = Literal["list", "object", "top_level", "versioned", "auto"]
+SubmitShape = Literal["list", "object", "top_level", "versioned", "auto", "result"]
 UrlShape = Literal["list", "string", "entries"]
 ErrorCodeShape = Literal["int", "string", "plain"]
+UnlimitedShape = Literal["both", "minus_one", "flag"]
 
 
 @dataclass(frozen=True, slots=True)
 class Variants:
-    """Which documented response shape the fake sends (apimart-api.md §3.3, §6.1, §7).
+    """Which documented response shape the fake sends (apimart-api.md §3.3, §6.1, §7, §10).
 
-    - *submit_shape*: ``"list"`` (shape A, ``data[0].task_id``, the default),
-      ``"object"`` (shape B, ``data.id`` with ``task_info``), ``"top_level"`` (shape C,
-      top-level ``id``), ``"versioned"`` (shape D, ``data.id`` plus an envelope
-      ``request_id``), or ``"auto"`` (D when the request pins
-      ``X-APIMart-Response-Version``, A otherwise).
+    - *submit_shape*: ``"auto"`` (the default: shape D when the request pins
+      ``X-APIMart-Response-Version``, as the official skill client does, shape A
+      otherwise), or one fixed shape whatever the headers: ``"list"`` (shape A,
+      ``data[0].task_id``), ``"object"`` (shape B, ``data.id`` with ``task_info``),
+      ``"top_level"`` (shape C, top-level ``id``), ``"versioned"`` (shape D, ``data.id``
+      plus an envelope ``request_id``), or ``"result"`` (shape D's synchronous answer:
+      ``"object": "generation.result"``, the task already finished, its result and
+      cost in ``data``, and queryable afterwards like any task; a task scripted to
+      stay unfinished is answered as ``"generation.task"`` instead).
     - *url_shape*: ``"list"`` (one ``images[]`` entry whose ``url`` lists all n URLs),
       ``"string"`` (n entries, ``url`` a string) or ``"entries"`` (n entries, ``url`` a
       one-element list).
@@ -368,14 +388,20 @@ class Variants:
     - *processing_status*: ``"processing"`` or ``"in_progress"`` (gpt-image-2 spelling).
     - *include_cost* / *include_expires_at*: drop ``cost``/``credits_cost`` or a result's
       ``expires_at``, as older real responses did.
+    - *unlimited_balance*: how a balance read describes an unlimited key: ``"both"``
+      (``remain_balance: -1`` and ``unlimited_quota: true``, the default),
+      ``"minus_one"`` (only ``remain_balance: -1``) or ``"flag"`` (only
+      ``unlimited_quota: true``, with ``remain_balance: 0``), so a client can be
+      tested on each half of the rule.
     """
 
-    submit_shape: SubmitShape = "list"
+    submit_shape: SubmitShape = "auto"
     url_shape: UrlShape = "list"
     error_code: ErrorCodeShape = "int"
     processing_status: Literal["processing", "in_progress"] = "processing"
     include_cost: bool = True
     include_expires_at: bool = True
+    unlimited_balance: UnlimitedShape = "both"
 
     def __post_init__(self) -> None:
         for name, allowed in (
@@ -383,14 +409,19 @@ class Variants:
             ("url_shape", get_args(UrlShape)),
             ("error_code", get_args(ErrorCodeShape)),
             ("processing_status", ("processing", "in_progress")),
+            ("unlimited_balance", get_args(UnlimitedShape)),
         ):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"Variants.{name} must be one of {allowed}")
+                raise ValueError(
+                    f"Variants.{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                )
 
     @classmethod
     def all(cls) -> list[Variants]:
-        """Every combination of submit shape, URL shape and error code (36 variants),
-        for parametrising a client test over everything the service has sent."""
+        """Every combination of fixed submit shape, URL shape and error code (36
+        variants), for parametrising a client test over everything the service has sent
+        for an asynchronous task (the synchronous ``"result"`` shape changes the task's
+        timeline, so it is not among them)."""
         submit: tuple[SubmitShape, ...] = ("list", "object", "top_level", "versioned")
         urls: tuple[UrlShape, ...] = get_args(UrlShape)
         codes: tuple[ErrorCodeShape, ...] = get_args(ErrorCodeShape)
@@ -407,6 +438,79 @@ class Variants:
         if unknown:
             raise ValueError(f"unknown Variants fields: {sorted(unknown)}")
         return cls(**data)
+
+
+@dataclass(frozen=True, slots=True)
+class Webhooks:
+    """How the fake delivers webhook callbacks (apimart-api.md §6.4).
+
+    A submit whose body has a top-level ``webhook`` (a base URL) gets the task query's
+    body (``{"code": 200, "data": {...}}``) POSTed to ``<webhook>/callback`` once the
+    task is ``completed`` or ``failed`` (never for other states). As the service
+    documents: an attempt without a 2xx answer (a 5xx, a 3xx, no answer within
+    *timeout*, a connection error) is retried after each of *retry_delays* in turn
+    (three retries, ~10 s/30 s/60 s), a 4xx ends the delivery, and a callback may
+    arrive twice. URLs the service refuses (not http(s), a port other than 80/443, an
+    APIMart domain, a loopback or private address) are dropped silently.
+
+    - *delay*: service seconds between the terminal state and the first attempt
+      (scaled by the fake's time scale, like task durations).
+    - *duplicate*: probability that a delivered callback is sent a second time.
+    - *drop*: probability that a callback is never sent at all (lost: only a poll
+      can find the task's end).
+    - *failures*: how many attempts of each callback are lost on the way before one
+      reaches the receiver (each counts as an attempt without an answer).
+    - *retry_delays*: service seconds before each retry (scaled); its length is the
+      number of retries.
+    - *timeout*: real seconds an attempt waits for the receiver's answer (not scaled:
+      a loaded test machine is slow in real time, not in service time).
+    - *callback_first*: hold each submit answer until the first delivery attempt for
+      its task is over, so a receiver sees the callback *before* the client learns the
+      task id (use it with short tasks; the hold is bounded, and skipped when no
+      sender is running or the callback will never be sent).
+    """
+
+    delay: float = 0.0
+    duplicate: float = 0.0
+    drop: float = 0.0
+    failures: int = 0
+    retry_delays: tuple[float, ...] = (10.0, 30.0, 60.0)
+    timeout: float = 10.0
+    callback_first: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("duplicate", "drop"):
+            p: float = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"Webhooks.{name} must be in [0, 1], got {p}")
+        if not (self.delay >= 0 and math.isfinite(self.delay)):
+            raise ValueError(f"Webhooks.delay must be >= 0 service seconds, got {self.delay}")
+        if isinstance(self.failures, bool) or self.failures < 0:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"Webhooks.failures must be an integer >= 0, got {self.failures}")
+        if any(not (d >= 0 and math.isfinite(d)) for d in self.retry_delays):
+            raise ValueError(
+                f"Webhooks.retry_delays must be >= 0 service seconds, got {self.retry_delays}"
+            )
+        if not (self.timeout > 0 and math.isfinite(self.timeout)):
+            raise ValueError(f"Webhooks.timeout must be > 0 seconds, got {self.timeout}")
+
+    @property
+    def max_attempts(self) -> int:
+        """The first attempt plus one per retry delay."""
+        return 1 + len(self.retry_delays)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Webhooks:
+        """Build from JSON-like data (lists become tuples); unknown keys are an error."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown Webhooks fields: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {
+            k: tuple(v) if isinstance(v, list) else v  # pyright: ignore[reportUnknownArgumentType]
+            for k, v in data.items()
+        }
+        return cls(**kwargs)
 
 
 class ManualClock:

@@ -7,6 +7,9 @@ need it before uvicorn starts (to build the file origin and print the URL). A so
 that is bound and listening already queues connections, so there is no race with
 uvicorn's startup.
 
+The server runs the app's lifespan, which is where the fake's webhook sender lives
+(on the server's own loop, next to the state it reads).
+
 What can go wrong: uvicorn logs any exception escaping the app with a traceback; the
 app raises ``ConnectionDrop`` on purpose to drop connections, so a logging filter
 hides exactly those records. Shutdown waits for in-flight requests (a stalled answer
@@ -96,14 +99,15 @@ def make_server(
     graceful_timeout: int,
     on_ready: Callable[[], None] | None = None,
 ) -> _Server:
-    """A lean uvicorn server for *app*: no lifespan, access log, proxy headers or Date."""
+    """A lean uvicorn server for *app*: its lifespan (the webhook sender), but no access
+    log, proxy headers or Date."""
     http = "httptools" if importlib.util.find_spec("httptools") is not None else "h11"
     config = uvicorn.Config(
         app,
         log_level="warning",
         access_log=False,
         http=http,
-        lifespan="off",
+        lifespan="on",
         interface="asgi3",
         ws="none",
         proxy_headers=False,

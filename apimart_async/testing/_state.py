@@ -1,15 +1,23 @@
-"""The fake service's memory: tasks, uploads, idempotency keys, counters, the request log.
+"""The fake service's memory: tasks, uploads, idempotency keys, balance, webhook schedule,
+counters, the request log.
 
 Everything a ``FakeApimart`` knows lives in one ``State`` object owned by that fake, so
 two fakes never share anything. Task progress is not driven by background tasks: each
 task stores when it was created and how long it lasts, and its status is computed
-from the clock whenever someone asks. That keeps the fake free of timers (nothing to
-cancel, nothing to leak between tests) and makes it equally correct under asyncio,
-trio and uvicorn's own loop.
+from the clock whenever someone asks. Refunds of failed tasks are settled the same
+way, lazily, whenever the balance is looked at. That keeps the fake free of timers
+(nothing to cancel, nothing to leak between tests) and makes it equally correct under
+asyncio, trio and uvicorn's own loop. The one thing that must run is the webhook
+sender, and only when callbacks are wanted (``_webhooks``).
+
+With a state file (``_persist``), every change a client could observe is appended to
+it before the answer that reveals it, and a new ``State`` over the same file starts
+where the old one stopped.
 
 What can go wrong: the state is mutated by whichever event loop runs the app. In
 server mode that is uvicorn's thread; reading counters from another thread is fine
-(single attribute reads), but do not mutate the state from two loops at once.
+(single attribute reads), but do not mutate the state from two loops at once. A
+damaged state file is a ``ValueError`` at construction.
 """
 
 from __future__ import annotations
@@ -20,13 +28,27 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
-from ._options import ENDPOINTS, Endpoint, Fault, Faults, FaultsSpec, Latency, Variants
+from ._billing import MICRO, Balance, Ledger, to_micro, to_usd
+from ._options import ENDPOINTS, Endpoint, Fault, Faults, FaultsSpec, Latency, Variants, Webhooks
+from ._persist import (
+    StateFile,
+    decode_task,
+    decode_upload,
+    encode_task,
+    encode_upload,
+)
+from ._task import FakeTask, TaskFate
+from ._webhooks import Dispatch
 
 if TYPE_CHECKING:
     import random
     from collections.abc import Callable, Iterable, Mapping
 
+    import httpx
+
     from ._options import ScriptStep
+    from ._persist import Record
+    from ._webhooks import Rewrite
 
 __all__ = [
     "MODELS",
@@ -38,7 +60,6 @@ __all__ = [
     "TaskFate",
 ]
 
-TaskFate = Literal["complete", "fail", "stuck", "unknown_status"]
 Family = Literal["flux", "imagen", "gemini", "other"]
 
 
@@ -79,67 +100,6 @@ def ulid(rng: random.Random, unix: float) -> str:
         chars.append(_CROCKFORD[value & 31])
         value >>= 5
     return "".join(reversed(chars))
-
-
-@dataclass(slots=True, eq=False)
-class FakeTask:
-    """One generation task as the fake knows it (read it; do not mutate it).
-
-    Times named ``*_at`` are on the fake's clock (``time.monotonic`` unless a clock was
-    injected), in real seconds, so benchmarks can compare them with their own
-    monotonic readings: *completes_at* is when the task finishes (for stuck tasks:
-    when it would have), *detected_at* when a poll first reported it finished. The
-    detection lag of a client is ``detected_at - completes_at``. *duration* is in
-    service seconds (what ``actual_time`` reports), *real_duration* in real seconds.
-    """
-
-    id: str
-    model: str
-    prompt: str
-    n: int
-    image_urls: tuple[str, ...]
-    idempotency_key: str | None
-    body_hash: str
-    created_at: float
-    duration: float
-    real_duration: float
-    created_unix: int
-    estimated_time: int
-    fate: TaskFate
-    reason: str | None
-    cost: float
-    submit_response: dict[str, Any] = field(default_factory=dict[str, Any], repr=False)
-    polls: int = 0
-    detected_at: float | None = None
-
-    @property
-    def completes_at(self) -> float:
-        """Clock time at which the task finishes (or would, if it were not stuck)."""
-        return self.created_at + self.real_duration
-
-    @property
-    def completed_unix(self) -> int:
-        """The ``completed`` field: creation plus the duration, in service seconds."""
-        return self.created_unix + math.ceil(self.duration)
-
-    def phase(self, now: float, variants: Variants, unknown_status: str) -> tuple[str, int]:
-        """``(status, progress)`` at clock time *now*.
-
-        Pending for the first 10% of the duration (``submitted`` in its first 3%), then
-        processing with progress rising linearly (1..99), then the terminal state.
-        """
-        elapsed = now - self.created_at
-        duration = self.real_duration
-        if elapsed >= duration and self.fate in ("complete", "fail"):
-            return ("completed", 100) if self.fate == "complete" else ("failed", 100)
-        if elapsed < 0.03 * duration:
-            return "submitted", 0
-        if elapsed < 0.1 * duration:
-            return "pending", 0
-        progress = min(99, max(1, int(100 * elapsed / duration))) if duration > 0 else 99
-        if self.fate == "unknown_status":
-            return unknown_status, progress
-        return variants.processing_status, progress
 
 
 @dataclass(slots=True)
@@ -186,6 +146,16 @@ class FakeStats:
     *polls_by_task* counts polls answered with a task's state; *tasks_by_key* maps
     each ``Idempotency-Key`` (``None``: no key) to the tasks created under it.
     *file_requests_with_auth* counts file GETs that carried an Authorization header.
+
+    Money: *balance_reads* counts requests to the balance endpoints, *payment_required*
+    every 402 answered (submits the balance cannot pay, reads of an exhausted key when
+    those are refused too, scripted 402s). *schema_reads* counts ``GET /v1/model-schema`` requests.
+
+    Webhooks: *webhook_attempts* counts attempts (including ones lost on the way and
+    duplicates), *webhooks_delivered* callbacks answered 2xx (once per task),
+    *webhook_duplicates* second deliveries, *webhooks_dropped* callbacks never sent
+    on purpose, *webhooks_refused* webhook URLs the service does not call, and
+    *webhooks_gave_up* callbacks abandoned (a 4xx, or no 2xx after every retry).
     """
 
     requests_total: int = 0
@@ -203,6 +173,15 @@ class FakeStats:
     faults: dict[str, int] = field(default_factory=dict[str, int])
     polls_by_task: dict[str, int] = field(default_factory=dict[str, int])
     tasks_by_key: dict[str | None, list[str]] = field(default_factory=dict[str | None, list[str]])
+    balance_reads: int = 0
+    payment_required: int = 0
+    schema_reads: int = 0
+    webhook_attempts: int = 0
+    webhooks_delivered: int = 0
+    webhook_duplicates: int = 0
+    webhooks_dropped: int = 0
+    webhooks_refused: int = 0
+    webhooks_gave_up: int = 0
 
     def duplicate_keys(self) -> list[str]:
         """Idempotency keys under which more than one task was created (paid twice)."""
@@ -227,6 +206,15 @@ class FakeStats:
             "polls_by_task": dict(self.polls_by_task),
             "tasks_by_key": {("" if k is None else k): v for k, v in self.tasks_by_key.items()},
             "duplicate_keys": self.duplicate_keys(),
+            "balance_reads": self.balance_reads,
+            "payment_required": self.payment_required,
+            "schema_reads": self.schema_reads,
+            "webhook_attempts": self.webhook_attempts,
+            "webhooks_delivered": self.webhooks_delivered,
+            "webhook_duplicates": self.webhook_duplicates,
+            "webhooks_dropped": self.webhooks_dropped,
+            "webhooks_refused": self.webhooks_refused,
+            "webhooks_gave_up": self.webhooks_gave_up,
         }
 
 
@@ -284,6 +272,11 @@ class State:
         clock: Callable[[], float],
         files_base_url: str,
         rng: random.Random,
+        balance: float | None = None,
+        prices: Mapping[str, float] | None = None,
+        payment_required_on_reads: bool = False,
+        webhooks: Webhooks | None = None,
+        state_path: str | None = None,
     ) -> None:
         self.api_key = api_key
         self.latency = latency
@@ -298,8 +291,17 @@ class State:
         self.clock = clock
         self.files_base_url = files_base_url.rstrip("/")
         self.rng = rng
+        self.payment_required_on_reads = payment_required_on_reads
+        self.webhooks = webhooks if webhooks is not None else Webhooks()
+        # Where serve() sends callbacks (set by FakeApimart.serve for its lifespan sender).
+        self.webhook_transport: httpx.AsyncBaseTransport | None = None
+        self.webhook_rewrite: Rewrite | None = None
         # The unix time that corresponds to the clock's current reading.
         self._unix_offset = time.time() - clock()
+        self.prices_micro = {
+            model: to_micro(usd, f"prices[{model!r}]") for model, usd in (prices or {}).items()
+        }
+        self._initial_balance = None if balance is None else to_micro(balance, "balance")
 
         self.tasks: dict[str, FakeTask] = {}
         self.uploads: dict[str, StoredUpload] = {}
@@ -307,7 +309,14 @@ class State:
         self.scripts: dict[str, deque[Fault | int | None]] = {}
         self.stats = FakeStats()
         self.requests: list[RecordedRequest] = []
+        self.ledger = Ledger(self._initial_balance)
+        self.dispatch = Dispatch(self)
         self._request_counter = 0
+        self._task_costs: dict[str, int] = {}
+        self._webhooks_done: set[str] = set()
+        self.file = StateFile(state_path) if state_path is not None else None
+        if self.file is not None:
+            self._open_file(self.file)
 
     # -- time and ids ---------------------------------------------------------------
 
@@ -365,6 +374,34 @@ class State:
         faults = self.stats.faults
         faults[name] = faults.get(name, 0) + 1
 
+    # -- money --------------------------------------------------------------------
+
+    def price_micro(self, model: str, rules: ModelRules) -> int:
+        """What one image of *model* costs, in micro-USD (configured, else the default)."""
+        price = self.prices_micro.get(model)
+        return price if price is not None else round(rules.price * MICRO)
+
+    def balance(self) -> Balance:
+        """The key's balance now (due refunds applied)."""
+        self.ledger.settle(self.clock())
+        return self.ledger.balance()
+
+    def can_afford(self, amount: int) -> bool:
+        """Whether a submit costing *amount* micro-USD may be accepted now."""
+        self.ledger.settle(self.clock())
+        return self.ledger.can_afford(amount)
+
+    def reads_refused(self) -> bool:
+        """Whether reads answer 402 now (opt-in, for an exhausted limited key)."""
+        return self.payment_required_on_reads and self.balance().exhausted
+
+    def set_balance(self, remaining: float | None) -> None:
+        """Set what the key has left (``None``: unlimited); what was used stays."""
+        micro = None if remaining is None else to_micro(remaining, "balance")
+        self.ledger.settle(self.clock())
+        self.ledger.set(micro)
+        self._journal(self._balance_record())
+
     # -- tasks ----------------------------------------------------------------------
 
     def create_task(
@@ -377,14 +414,25 @@ class State:
         rules: ModelRules,
         idempotency_key: str | None,
         body_hash: str,
+        register_key: bool,
+        answer: Callable[[FakeTask], dict[str, Any]],
+        webhook: str | None = None,
+        instant: bool = False,
     ) -> FakeTask:
+        """Create, charge and record a task; *answer* builds its submit answer.
+
+        The caller has checked ``can_afford``. *register_key* makes the task the
+        answer to replays of *idempotency_key*. *instant* finishes the task at once
+        (the synchronous-result answer). The task is written to the state file (if
+        any) before this returns, so before any client can learn its id.
+        """
         now = self.clock()
         unix = self.unix(now)
         rng = self.rng
         task_id = "task_" + ulid(rng, unix)
         while task_id in self.tasks:  # 80 random bits: never in practice, cheap to rule out
             task_id = "task_" + ulid(rng, unix)
-        duration = self.latency.sample(rng)
+        duration = 0.0 if instant else self.latency.sample(rng)
         # A noisy but informative estimate, as the service's is: within ~±35% usually.
         estimate = max(1, math.ceil(duration * rng.lognormvariate(0.0, 0.3)))
         fate_fault = self.next_task_fate()
@@ -397,6 +445,7 @@ class State:
             fate = "stuck"
         elif fate_fault is Fault.TASK_UNKNOWN_STATUS:
             fate = "unknown_status"
+        cost = self.price_micro(model, rules) * n
         task = FakeTask(
             id=task_id,
             model=model,
@@ -412,24 +461,52 @@ class State:
             estimated_time=estimate,
             fate=fate,
             reason=reason,
-            cost=round(rules.price * n, 6),
+            cost=to_usd(cost),
+            webhook=webhook,
         )
-        self.tasks[task_id] = task
+        self._add_task(task, cost, registered=register_key)
+        task.submit_response = answer(task)
         stats = self.stats
         stats.tasks_created += 1
         stats.tasks_by_key.setdefault(idempotency_key, []).append(task_id)
         if fate_fault is not None:
             self.count_fault(fate_fault.value)
+        self._journal(
+            encode_task(task, created_wall=self.unix(now), cost_micro=cost, registered=register_key)
+        )
+        self.dispatch.schedule(task)
         return task
+
+    def _add_task(self, task: FakeTask, cost: int, *, registered: bool) -> None:
+        """Index, charge (and, for a failing task, schedule the refund of) *task*."""
+        self.tasks[task.id] = task
+        self._task_costs[task.id] = cost
+        self.ledger.charge(cost)
+        if task.fate == "fail":
+            self.ledger.refund_at(task.completes_at, cost)
+        if registered and task.idempotency_key is not None:
+            self.idempotency[task.idempotency_key] = (task.body_hash, task.id)
 
     def result_urls(self, task: FakeTask) -> list[str]:
         base = f"{self.files_base_url}/f/image/{task.id}_"
         return [f"{base}{i}.png" for i in range(task.n)]
 
+    def add_upload(self, key: str, upload: StoredUpload) -> None:
+        """Keep an upload so GETs of its URL return it (and write it to the file)."""
+        self.uploads[key] = upload
+        self._journal(encode_upload(key, upload.data, upload.content_type))
+
+    def webhook_finished(self, task: FakeTask) -> None:
+        """*task*'s callback is settled for good (delivered, abandoned or never sent)."""
+        self._journal({"t": "webhook_done", "id": task.id})
+
+    # -- lifecycle ------------------------------------------------------------------
+
     def reset_stats(self) -> None:
         in_flight = self.stats.in_flight
         self.stats = FakeStats(in_flight=in_flight, max_in_flight=in_flight)
         self.requests = []
+        self.dispatch.deliveries.clear()
         for task in self.tasks.values():
             task.polls = 0
 
@@ -439,6 +516,88 @@ class State:
         self.uploads.clear()
         self.idempotency.clear()
         self.scripts.clear()
+        self._task_costs.clear()
+        self._webhooks_done.clear()
+        self.dispatch.clear()
+        self.ledger = Ledger(self._initial_balance)
+        if self.file is not None:
+            self.file.rewrite([self._balance_record()])
+
+    # -- the state file -------------------------------------------------------------
+
+    def records(self) -> list[Record]:
+        """Everything a new fake needs to continue from here, as state-file records."""
+        out: list[Record] = []
+        done = set(self._webhooks_done)
+        for task in self.tasks.values():
+            key = task.idempotency_key
+            registered = key is not None and self.idempotency.get(key, ("", ""))[1] == task.id
+            out.append(
+                encode_task(
+                    task,
+                    created_wall=self.unix(task.created_at),
+                    cost_micro=self._task_costs[task.id],
+                    registered=registered,
+                )
+            )
+        out.extend(encode_upload(k, u.data, u.content_type) for k, u in self.uploads.items())
+        out.extend({"t": "webhook_done", "id": task_id} for task_id in sorted(done))
+        out.append(self._balance_record())
+        return out
+
+    def save(self, path: str) -> None:
+        """Write a compacted state file at *path*, atomically."""
+        StateFile(path).rewrite(self.records())
+
+    def _balance_record(self) -> Record:
+        self.ledger.settle(self.clock())
+        return {
+            "t": "balance",
+            "at": self.unix(),
+            "remaining": self.ledger.remaining,
+            "used": self.ledger.used,
+        }
+
+    def _journal(self, record: Record) -> None:
+        if record.get("t") == "webhook_done":
+            self._webhooks_done.add(str(record["id"]))
+        if self.file is not None:
+            self.file.append(record)
+
+    def _open_file(self, file: StateFile) -> None:
+        """Continue from *file* if it holds a state, then rewrite it compacted."""
+        records = file.read()
+        if records:
+            try:
+                self._restore(records)
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"{file.path}: damaged state record: {exc!r}") from None
+        file.rewrite(self.records())
+
+    def _restore(self, records: list[Record]) -> None:
+        offset = self._unix_offset
+        done: set[str] = set()
+        for record in records:
+            kind = record["t"]
+            if kind == "task":
+                task, cost, registered = decode_task(record, clock_of_wall=offset)
+                self._add_task(task, cost, registered=registered)
+            elif kind == "upload":
+                key, data, content_type = decode_upload(record)
+                self.uploads[key] = StoredUpload(data, content_type)
+            elif kind == "balance":
+                self.ledger.settle(float(record["at"]) - offset)
+                remaining = record["remaining"]
+                self.ledger.set(None if remaining is None else int(remaining), int(record["used"]))
+            elif kind == "webhook_done":
+                done.add(str(record["id"]))
+            else:
+                raise ValueError(f"unknown record type {kind!r}")
+        self._webhooks_done = done
+        # Callbacks not yet settled are scheduled again: a new sender delivers them.
+        for task in self.tasks.values():
+            if task.webhook is not None and task.id not in done:
+                self.dispatch.schedule(task)
 
     # -- reporting ------------------------------------------------------------------
 
@@ -471,9 +630,16 @@ class State:
                         "polls": task.polls,
                     }
                 )
+        balance = self.balance()
         out: dict[str, Any] = {
             "now": now,
             "stats": self.stats.as_dict(),
+            "balance": {
+                "remaining": balance.remaining,
+                "used": balance.used,
+                "unlimited": balance.unlimited,
+            },
+            "webhooks_pending": self.dispatch.pending,
             "tasks_summary": {
                 "count": len(self.tasks),
                 "by_status": dict(sorted(by_status.items())),

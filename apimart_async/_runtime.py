@@ -1,0 +1,59 @@
+"""What the client needs to know about the event loop it runs on.
+
+anyio hides which async library is running, which is what we want almost everywhere.
+Two things cannot be expressed through it:
+
+* which loop a client first ran on, so using it on another one (two ``asyncio.run``
+  calls with one module-level client) is a clear ``RuntimeError``, not a deep
+  "Event loop is closed" or "attached to a different loop" from a pool;
+* starting the client's own long-lived host task (the one that keeps paid submits
+  going when their callers are cancelled) outside any caller's task tree: on asyncio a
+  task of the loop, on trio a system task. Either ends with its loop at the latest.
+"""
+
+from __future__ import annotations
+
+import sys
+from asyncio import _get_running_loop  # pyright: ignore[reportPrivateUsage]
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+__all__ = ["current_loop", "loop_mismatch", "spawn_host"]
+
+
+def current_loop() -> object:
+    """An object identifying the running event loop (the asyncio loop, or trio's token)."""
+    loop = _get_running_loop()
+    if loop is not None:
+        return loop
+    trio: Any = sys.modules.get("trio")
+    if trio is not None:
+        return trio.lowlevel.current_trio_token()
+    raise RuntimeError("apimart_async needs a running asyncio or trio event loop")
+
+
+def loop_mismatch(owner: str) -> RuntimeError:
+    """The error for a client used on another loop than the one it first ran on."""
+    return RuntimeError(
+        f"this {owner} is bound to another event loop: it first ran on a different one "
+        "(for example in an earlier asyncio.run() call), and its connections and tasks "
+        "belong to that loop. Create the client inside the loop that uses it (in your "
+        "async main, or a web app's lifespan handler), or use apimart_async.Apimart, the "
+        "blocking client, from synchronous code."
+    )
+
+
+def spawn_host(fn: Callable[[], Awaitable[None]]) -> object:
+    """Start *fn* as a task of the running loop that no caller's cancellation reaches.
+
+    Returns a handle the caller must keep (asyncio holds tasks only weakly). *fn* must
+    not raise: on trio a failing system task crashes the whole run.
+    """
+    loop = _get_running_loop()
+    if loop is not None:
+        return loop.create_task(fn())  # type: ignore[arg-type]
+    trio: Any = sys.modules["trio"]
+    trio.lowlevel.spawn_system_task(fn)
+    return fn

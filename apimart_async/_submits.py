@@ -1,0 +1,286 @@
+"""Paid submits run in the client's own task group, where callers' cancellation cannot reach.
+
+Once a submit may be on the wire, the service may be creating (and billing) a task,
+and the only record of its id is the answer on the way back. So the request does not
+run in the caller's task: it runs in a task group the client owns (``SubmitKeeper``),
+and the caller only waits for it. Cancelling the caller, by any means (an anyio or trio
+scope, ``asyncio.wait_for``, ``asyncio.timeout``, ``Task.cancel()``, a failing sibling
+in an ``asyncio.TaskGroup``), ends the caller's wait at once; the request goes on:
+
+* with nobody cancelling, a submit has its full request timeout and retries: nothing
+  cuts a live request short;
+* once its caller is gone, it gets at most ``shield`` more seconds, and no new attempt
+  starts (a new attempt could only create a task nobody waits for);
+* the answer, if a task was created, is reported three ways: a ``SubmittedEvent`` to
+  the caller's ``on_event``, a WARNING on ``apimart_async.submit`` naming the task id
+  and the idempotency key, and ``AsyncApimart.orphaned_tasks()``; an uncertain outcome
+  is a ``FailedEvent`` and a WARNING with the key.
+
+The group lives in a host task started on the client's first submit (``_runtime``),
+and ends when the client closes: closing gives in-flight submits up to ``shield``
+seconds, then reports what it abandoned.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from ._clock import now
+from ._events import emit
+from ._exceptions import SubmissionUncertainError
+from ._runtime import spawn_host
+from .types import FailedEvent, SubmittedEvent, Task
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+    from anyio.abc import TaskGroup
+
+    from ._events import EventHandler
+
+__all__ = ["Flight", "SubmitKeeper"]
+
+logger = logging.getLogger("apimart_async.submit")
+
+# Orphans nobody collects are kept up to this many (oldest dropped, with a warning each).
+MAX_ORPHANS = 10_000
+
+
+class Flight:
+    """One paid submit handed to the keeper: its identity, and how it ended."""
+
+    __slots__ = (
+        "abandoned",
+        "body",
+        "deadline",
+        "done",
+        "error",
+        "job",
+        "key",
+        "on_event",
+        "release",
+        "scope",
+        "started",
+        "task",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        body: dict[str, Any],
+        *,
+        on_event: EventHandler | None,
+        job: int | None,
+        started: float,
+        release: Callable[[], None],
+    ) -> None:
+        self.key = key
+        self.body = body
+        self.on_event = on_event
+        self.job = job
+        self.started = started
+        self.release = release  # frees the submit slot the caller took
+        self.done = anyio.Event()
+        self.task: Task | None = None
+        self.error: Exception | None = None
+        self.abandoned = False
+        self.deadline = float("inf")
+        self.scope: anyio.CancelScope | None = None
+
+    def limit(self, deadline: float) -> None:
+        """Let this submit run until *deadline* at the latest."""
+        self.deadline = min(self.deadline, deadline)
+        if self.scope is not None:
+            self.scope.deadline = self.deadline
+
+
+class SubmitKeeper:
+    """The client's own task group for paid submits; see the module docstring."""
+
+    __slots__ = (
+        "_closed",
+        "_finished",
+        "_flights",
+        "_group",
+        "_host",
+        "_idle",
+        "_orphans",
+        "_ready",
+        "_stop",
+        "shield",
+    )
+
+    def __init__(self, shield: float) -> None:
+        self.shield = shield
+        self._group: TaskGroup | None = None
+        self._host: object = None
+        self._ready: anyio.Event | None = None
+        self._stop: anyio.Event | None = None
+        self._finished: anyio.Event | None = None
+        self._idle: anyio.Event | None = None
+        self._flights: set[Flight] = set()
+        self._orphans: OrderedDict[str, Task] = OrderedDict()
+        self._closed = False
+
+    async def run(self, flight: Flight, send: Callable[[Flight], Awaitable[Task]]) -> Task:
+        """Run ``send(flight)`` in the keeper's group; wait for its answer here.
+
+        If the caller is cancelled while waiting, the submit is handed over (see the
+        module docstring) and the cancellation propagates at once.
+        """
+        try:
+            group = self._group or await self._start()
+        except BaseException:  # never launched: nothing was sent
+            flight.release()
+            raise
+        self._flights.add(flight)
+        group.start_soon(self._fly, flight, send)
+        try:
+            await flight.done.wait()
+        except BaseException:
+            self._abandon(flight)
+            raise
+        if flight.error is not None:
+            raise flight.error
+        assert flight.task is not None
+        return flight.task
+
+    def orphans(self) -> list[Task]:
+        """Take the tasks whose submit finished after their caller was cancelled."""
+        tasks = list(self._orphans.values())
+        self._orphans.clear()
+        return tasks
+
+    # -- the host ---------------------------------------------------------------------
+
+    async def _start(self) -> TaskGroup:
+        if self._closed:
+            raise RuntimeError("this AsyncApimart client is closed; create a new one")
+        if self._ready is None:
+            self._ready = anyio.Event()
+            self._stop = anyio.Event()
+            self._finished = anyio.Event()
+            self._host = spawn_host(self._run_host)
+        await self._ready.wait()
+        assert self._group is not None
+        return self._group
+
+    async def _run_host(self) -> None:
+        assert self._ready is not None and self._stop is not None and self._finished is not None
+        try:
+            async with anyio.create_task_group() as group:
+                self._group = group
+                self._ready.set()
+                await self._stop.wait()
+                group.cancel_scope.cancel()
+        finally:  # closed, or the loop itself is ending
+            self._group = None
+            self._finished.set()
+
+    async def aclose(self) -> None:
+        """Give in-flight submits up to ``shield`` seconds, then stop the host."""
+        self._closed = True
+        if self._stop is None:
+            return
+        with anyio.CancelScope(shield=True):
+            deadline = now() + self.shield
+            for flight in list(self._flights):
+                flight.limit(deadline)
+            if self._flights:
+                self._idle = anyio.Event()
+                await self._idle.wait()
+            self._stop.set()
+            assert self._finished is not None
+            await self._finished.wait()
+
+    # -- one submit -------------------------------------------------------------------
+
+    async def _fly(self, flight: Flight, send: Callable[[Flight], Awaitable[Task]]) -> None:
+        try:
+            with anyio.CancelScope(deadline=flight.deadline) as scope:
+                flight.scope = scope
+                try:
+                    flight.task = await send(flight)
+                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                    flight.error = exc
+        finally:
+            if flight.task is None and flight.error is None:
+                # Cut short while the request may have been on the wire.
+                reason = (
+                    f"no answer within {self.shield:g}s after its caller was cancelled"
+                    if flight.abandoned
+                    else "the client was closed before the answer came"
+                )
+                flight.error = SubmissionUncertainError(
+                    idempotency_key=flight.key, request=flight.body, reason=reason
+                )
+            flight.release()
+            self._flights.discard(flight)
+            flight.done.set()
+            if not self._flights and self._idle is not None:
+                self._idle.set()
+            if flight.abandoned:
+                with anyio.CancelScope(shield=True):
+                    await self._report(flight)
+
+    def _abandon(self, flight: Flight) -> None:
+        """The caller stopped waiting: bound the submit, and report it when it ends."""
+        flight.abandoned = True
+        if not flight.done.is_set():
+            flight.limit(now() + self.shield)
+        elif self._group is not None:
+            # It ended just as the caller was cancelled: the caller never took it.
+            self._group.start_soon(self._report, flight)
+        else:
+            _log(flight)
+
+    async def _report(self, flight: Flight) -> None:
+        task, error = flight.task, flight.error
+        if task is not None:
+            self._orphans[task.id] = task
+            while len(self._orphans) > MAX_ORPHANS:
+                dropped, _ = self._orphans.popitem(last=False)
+                logger.warning(
+                    "orphaned task %s dropped: more than %d uncollected", dropped, MAX_ORPHANS
+                )
+        _log(flight)
+        if flight.on_event is None or (
+            task is None and not isinstance(error, SubmissionUncertainError)
+        ):
+            return
+        elapsed = now() - flight.started
+        event = (
+            SubmittedEvent(task.id, elapsed, flight.job)
+            if task is not None
+            else FailedEvent(error or RuntimeError("submit ended"), None, elapsed, flight.job)
+        )
+        try:
+            await emit(flight.on_event, event)
+        except Exception:
+            logger.warning("on_event raised while reporting an orphaned submit", exc_info=True)
+
+
+def _log(flight: Flight) -> None:
+    task, error = flight.task, flight.error
+    if task is not None:
+        logger.warning(
+            "submit finished after its caller was cancelled: task %s was created "
+            "(idempotency key %s); collect it with client.orphaned_tasks() or "
+            "client.wait(%r)",
+            task.id,
+            flight.key,
+            task.id,
+            extra={"apimart.task_id": task.id, "apimart.idempotency_key": flight.key},
+        )
+    elif isinstance(error, SubmissionUncertainError):
+        logger.warning(
+            "submit whose caller was cancelled ended uncertain (%s): a task may exist; "
+            "resubmit only with idempotency key %s",
+            error.reason,
+            flight.key,
+            extra={"apimart.idempotency_key": flight.key},
+        )
