@@ -20,14 +20,19 @@ callbacks run on the client's thread: they must be quick and must not call the c
 What can go wrong, and what happens:
 
 - Ctrl-C (``KeyboardInterrupt``) while a call blocks: the call's async work is
-  cancelled and *then* the interrupt is raised, so nothing is left running. A paid
-  submit already on the wire is shielded by the async client: its answer is still
-  heard and its task id reaches ``on_event`` (a ``SubmittedEvent``). A second Ctrl-C
-  during that wait abandons it; ``close()`` (or interpreter exit) still waits for it.
+  cancelled and *then* the interrupt is raised. A paid submit already on the wire is
+  not cut short: the async client's submit keeper hears it out, and its task reaches
+  ``on_event`` (a ``SubmittedEvent``), a WARNING log line and ``orphaned_tasks()``;
+  ``close()`` (and so interpreter exit) waits for it, up to *submit_shield* seconds.
+  A second Ctrl-C while the call is still unwinding stops waiting for it.
 - ``close()``: new calls raise ``RuntimeError``; calls still running in other threads
-  are cancelled (they raise ``RuntimeError``), the pool is closed and the thread is
-  joined. A client never closed is closed at interpreter exit (``weakref.finalize``),
-  or when garbage-collected, so a script that forgets ``close()`` still exits cleanly.
+  are cancelled (they raise ``RuntimeError``), submits on the wire are heard out, the
+  pool is closed and the thread is joined. A client never closed is closed at
+  interpreter exit (``weakref.finalize``), or when garbage-collected, so a script that
+  forgets ``close()`` still exits cleanly.
+- A callback that raises ``SystemExit`` (``sys.exit()``) or another non-``Exception``
+  on the client's thread: it is carried back and raised in the caller's thread, and
+  the client's loop lives on.
 - ``os.fork()``: the child has no loop thread; create clients after forking.
 """
 
@@ -35,6 +40,8 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import inspect
+import logging
 import queue
 import sys
 import threading
@@ -73,15 +80,23 @@ if TYPE_CHECKING:
 
     from ._config import Limits, PollPolicy, RetryPolicy
     from ._events import EventHandler
+    from ._transport import Backend
     from .models import BaseImageRequest
-    from .types import UploadedImage
+    from .types import Event, UploadedImage
 
 __all__ = ["Apimart"]
+
+logger = logging.getLogger("apimart_async.submit")
 
 T = TypeVar("T")
 
 _CLOSED = "this Apimart client is closed; create a new one"
-_CLOSED_WHILE_RUNNING = "the Apimart client was closed (by another thread) while this call ran"
+_CLOSED_WHILE_RUNNING = (
+    "the Apimart client was closed (or its event loop ended) while this call ran"
+)
+_LOOP_ENDED = (
+    "the event loop of this Apimart client has ended (a callback ended it?); create a new client"
+)
 # Outcomes a batch's pump may take before the caller asks for them, and how many must
 # be asked for before a parked pump is woken (see _Batch).
 _PREFETCH = 8
@@ -104,6 +119,10 @@ class Apimart:
     Callbacks (``on_event``, and ``generate_many``'s input and key callbacks) run on
     the client's own thread, not the caller's: keep them quick and thread-safe, and do
     not call the client from them.
+
+    Ctrl-C in a call cancels its work, then raises ``KeyboardInterrupt``; a paid submit
+    already sent is heard out all the same, and its task reaches ``on_event``, a WARNING
+    log line and ``orphaned_tasks()`` (``close()`` waits for such submits).
 
     Raises:
         ValueError: a missing API key or an invalid argument (from ``Apimart(...)``).
@@ -128,8 +147,10 @@ class Apimart:
         max_connections: int | None = None,
         wait_timeout: float | None = _config.DEFAULT_WAIT_TIMEOUT,
         retry_uncertain_submits: bool = False,
+        submit_shield: float = _config.SUBMIT_SHIELD,
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        transport_backend: Backend = "auto",
         headers: Mapping[str, str] | None = None,
         max_response_bytes: int = _config.MAX_RESPONSE_BYTES,
         max_download_bytes: int = _config.MAX_DOWNLOAD_BYTES,
@@ -146,8 +167,10 @@ class Apimart:
                 max_connections=max_connections,
                 wait_timeout=wait_timeout,
                 retry_uncertain_submits=retry_uncertain_submits,
+                submit_shield=submit_shield,
                 http_client=http_client,
                 transport=transport,
+                transport_backend=transport_backend,
                 headers=headers,
                 max_response_bytes=max_response_bytes,
                 max_download_bytes=max_download_bytes,
@@ -204,6 +227,14 @@ class Apimart:
         """The schedule ``wait`` uses."""
         return self._client.poll_policy
 
+    def orphaned_tasks(self) -> list[Task]:
+        """Take the tasks whose submit finished after its caller was interrupted.
+
+        See ``AsyncApimart.orphaned_tasks``. Also after ``close()``, which hears out
+        the submits still on the wire: collect what they created here.
+        """
+        return self._runner.on_loop(self._client.orphaned_tasks)
+
     # -- the blocking twins of AsyncApimart's methods --------------------------------
 
     def upload_image(
@@ -226,14 +257,22 @@ class Apimart:
         /,
         *,
         idempotency_key: str | None = None,
+        on_event: EventHandler | None = None,
         allow_unknown: bool = False,
         **params: Any,
     ) -> Task:
-        """Create a generation task and return it (see ``AsyncApimart.submit``)."""
-        client = self._client
+        """Create a generation task and return it (see ``AsyncApimart.submit``).
+
+        *on_event* runs on the client's thread.
+        """
+        client, handler = self._client, _carried(on_event)
         return self._runner.run(
             lambda: client.submit(
-                request, idempotency_key=idempotency_key, allow_unknown=allow_unknown, **params
+                request,
+                idempotency_key=idempotency_key,
+                on_event=handler,
+                allow_unknown=allow_unknown,
+                **params,
             )
         )
 
@@ -251,8 +290,8 @@ class Apimart:
     ) -> Task:
         """Poll until the task finishes; return it completed, or raise (see
         ``AsyncApimart.wait``). *on_event* runs on the client's thread."""
-        client = self._client
-        return self._runner.run(lambda: client.wait(task, timeout=timeout, on_event=on_event))
+        client, handler = self._client, _carried(on_event)
+        return self._runner.run(lambda: client.wait(task, timeout=timeout, on_event=handler))
 
     def generate(
         self,
@@ -269,13 +308,13 @@ class Apimart:
 
         *on_event* runs on the client's thread.
         """
-        client = self._client
+        client, handler = self._client, _carried(on_event)
         return self._runner.run(
             lambda: client.generate(
                 request,
                 timeout=timeout,
                 idempotency_key=idempotency_key,
-                on_event=on_event,
+                on_event=handler,
                 allow_unknown=allow_unknown,
                 **params,
             )
@@ -291,9 +330,9 @@ class Apimart:
         on_event: EventHandler | None = None,
     ) -> list[Path]:
         """Save every image of *task* into directory *dest* (see ``AsyncApimart.download``)."""
-        client = self._client
+        client, handler = self._client, _carried(on_event)
         return self._runner.run(
-            lambda: client.download(task, dest, names=names, overwrite=overwrite, on_event=on_event)
+            lambda: client.download(task, dest, names=names, overwrite=overwrite, on_event=handler)
         )
 
     @contextmanager
@@ -328,7 +367,7 @@ class Apimart:
             fail_fast=fail_fast,
             timeout=timeout,
             download_to=download_to,
-            on_event=on_event,
+            on_event=_carried(on_event),
             allow_unknown=allow_unknown,
             idempotency_keys=idempotency_keys,
             known_tasks=known_tasks,
@@ -373,7 +412,8 @@ class _Call(Generic[T]):
         except Exception as exc:  # noqa: BLE001 - raised in the caller's thread
             self.error = exc
         except anyio.get_cancelled_exc_class():
-            raise  # the portal itself is being torn down
+            self.cancelled = True
+            raise  # the loop itself is ending
         except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             self.escaped = exc
         finally:
@@ -391,6 +431,8 @@ class _Call(Generic[T]):
         """After ``done``: the result, or the error, as the caller's thread sees it."""
         if self.escaped is not None:
             raise self.escaped
+        if isinstance(self.error, _Escape):
+            raise self.error.carried
         if self.error is not None:
             raise self.error
         if self.scope is None or self.cancelled:
@@ -450,11 +492,9 @@ class _Runner:
             self._calls.add(call)
         try:
             self._portal.start_task_soon(call.run)
-        except RuntimeError:
+        except RuntimeError as exc:  # the portal has stopped
             self._forget(call)
-            if self.closed:  # the portal stopped meanwhile
-                raise RuntimeError(_CLOSED) from None
-            raise
+            raise RuntimeError(_CLOSED if self.closed else _LOOP_ENDED) from exc
         except BaseException as exc:  # interrupted while the portal spawned it
             self._interrupted(call, exc)
             self._forget(call)
@@ -473,10 +513,12 @@ class _Runner:
     def _interrupted(self, call: _Call[Any], exc: BaseException) -> None:
         """Cancel *call* and wait until it has unwound, before *exc* (Ctrl-C) is raised.
 
-        The wait is where a shielded submit finishes: its task reaches ``on_event``.
-        A second interrupt during it abandons the wait (``close()`` still waits). A call
-        aborted before it started (the interrupt came while it was being spawned) never
-        runs: its task, if it was spawned at all, ends at its first step.
+        A submit on the wire is not waited for: the client's keeper hears it out and
+        reports it. A call that had already returned a task when the abort came gets it
+        logged (WARNING) and named in a note on *exc*. A second interrupt during the
+        wait abandons it (``close()`` still waits). A call aborted before it started
+        (the interrupt came while it was being spawned) never runs: its task, if it was
+        spawned at all, ends at its first step.
         """
         try:
             started = self._portal.call(call.abort)
@@ -485,7 +527,17 @@ class _Runner:
         if not started:
             return
         call.done.wait()
+        # It may have ended just before the abort came: a task it made must not be lost.
         ended = call.error if call.error is not None else getattr(call, "result", None)
+        if isinstance(ended, Task):
+            logger.warning(
+                "interrupted as it returned: task %s (%s) had been created; "
+                "resume it with client.wait(%r)",
+                ended.id,
+                ended.status.value,
+                ended.id,
+                extra={"apimart.task_id": ended.id},
+            )
         if isinstance(ended, Task | ApimartError) and sys.version_info >= (3, 11):
             what = f"task {ended.id} ({ended.status.value})" if isinstance(ended, Task) else ended
             exc.add_note(f"apimart_async: the interrupted call had already ended with {what!r}")
@@ -493,6 +545,20 @@ class _Runner:
     def _forget(self, call: _Call[Any]) -> None:
         with self._lock:
             self._calls.discard(call)
+
+    def on_loop(self, func: Callable[[], T]) -> T:
+        """``func()`` on the loop's thread, or here once the loop is gone."""
+        with self._closing:  # not while close() is taking the loop down
+            if not self._stopped and self._portal_running():
+                return self._portal.call(func)
+        return func()
+
+    def _portal_running(self) -> bool:
+        try:
+            self._portal.call(int)
+        except RuntimeError:
+            return False
+        return True
 
     # -- generate_many ---------------------------------------------------------------
 
@@ -571,10 +637,14 @@ class _Runner:
                 calls = list(self._calls)
             if self._stopped:
                 return
-            for call in self._portal.call(_abort_all, calls):
-                call.done.wait()
             try:
+                for call in self._portal.call(_abort_all, calls):
+                    call.done.wait()
                 self._portal.call(self.client.aclose)
+            except RuntimeError:
+                if self._portal_running():
+                    raise
+                # The loop ended on its own: its tasks were cancelled with it.
             finally:
                 self._portal_cm.__exit__(None, None, None)  # stops the loop, joins the thread
                 self._stopped = True
@@ -678,6 +748,45 @@ class _Marker(enum.Enum):
     CLOSED = "closed"  # the batch was left (or the client closed): nothing more comes
 
 
+class _Escape(Exception):
+    """A ``SystemExit`` (or other non-``Exception``) raised by a callback on the loop.
+
+    Left as it is, it would end the event loop (and every call on it). Carried as an
+    ordinary error, it fails what the callback was part of, and the caller's thread
+    raises the original.
+    """
+
+    def __init__(self, carried: BaseException) -> None:
+        super().__init__(repr(carried))
+        self.carried = carried
+
+
+def _carried(handler: EventHandler | None) -> EventHandler | None:
+    """*handler*, with what it raises that is not an ``Exception`` carried (``_Escape``)."""
+    if handler is None:
+        return None
+
+    def carried(event: Event) -> Any:
+        try:
+            result = handler(event)
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise _Escape(exc) from exc
+        return _awaited(result) if inspect.isawaitable(result) else result
+
+    return carried
+
+
+async def _awaited(result: Awaitable[Any]) -> Any:
+    try:
+        return await result
+    except (Exception, anyio.get_cancelled_exc_class()):
+        raise
+    except BaseException as exc:
+        raise _Escape(exc) from exc
+
+
 class _Outcomes:
     """The caller's plain iterator over a batch's outcomes."""
 
@@ -709,6 +818,8 @@ class _Outcomes:
             if self._runner.closed:
                 raise RuntimeError(_CLOSED_WHILE_RUNNING)
             raise anyio.ClosedResourceError  # read after the block, as in the async client
+        if isinstance(item.error, _Escape):
+            raise item.error.carried
         return item
 
 

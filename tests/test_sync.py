@@ -75,6 +75,19 @@ def loop_tasks(client: Apimart) -> int:
     return portal.call(lambda: len(anyio.get_running_tasks()))
 
 
+def idle_tasks(client: Apimart, fake: FakeApimart) -> int:
+    """The client's loop tasks at rest, its submit keeper started.
+
+    The keeper (the long-lived task that runs paid submits) starts with the first
+    submit; one the fake refuses starts it without creating a task.
+    """
+    fake.script("submit", [400])
+    with pytest.raises(am.BadRequestError):
+        client.submit(model=GEM, prompt="refused")
+    fake.reset_stats()
+    return loop_tasks(client)
+
+
 def unknown_tasks(fake: FakeApimart, events: list[am.Event], outcomes: Any = ()) -> list[str]:
     """Tasks the fake created that the caller neither heard of nor got reported uncertain."""
     known = {e.task_id for e in events if isinstance(e, SubmittedEvent)}
@@ -311,7 +324,7 @@ def test_generate_many_early_exit_cancels_the_rest(backend: str) -> None:
     fake = FakeApimart(api_key=KEY, latency=Latency.fixed(0.2, time_scale=0.05))
     events: list[am.Event] = []
     with make(fake) as client:
-        idle = loop_tasks(client)
+        idle = idle_tasks(client, fake)
         with client.generate_many(
             jobs(40, image_urls=[png(seed=9)]), concurrency=10, on_event=events.append
         ) as outcomes:
@@ -332,7 +345,7 @@ def test_an_error_in_the_block_cancels_the_batch_and_propagates(backend: str) ->
     fake = FakeApimart(api_key=KEY, latency=Latency.fixed(0.2, time_scale=0.05))
     problem = LookupError("the caller's own bug")
     with make(fake) as client:
-        idle = loop_tasks(client)
+        idle = idle_tasks(client, fake)
         with pytest.raises(LookupError) as raised, client.generate_many(jobs(20)) as outcomes:
             for _ in outcomes:
                 raise problem
@@ -410,7 +423,7 @@ def test_async_callbacks_are_awaited_on_the_clients_loop(backend: str) -> None:
 
     with make(fake) as client:
         client.generate(model=GEM, prompt="x", on_event=on_event)
-    assert kinds[0] == "submitted" and kinds[-1] == "completed"
+    assert kinds[:2] == ["submitting", "submitted"] and kinds[-1] == "completed"
 
 
 def test_system_exit_from_a_callback_reaches_the_caller(backend: str) -> None:
@@ -539,7 +552,7 @@ def test_close_from_another_thread_cancels_running_calls(backend: str) -> None:
     for waiter in waiters:
         waiter.join(10)
     assert [str(e) for e in outcome] == [
-        "the Apimart client was closed (by another thread) while this call ran"
+        "the Apimart client was closed (or its event loop ended) while this call ran"
     ] * 2
     assert fake.stats.in_flight == 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import queue
 import signal
@@ -82,15 +83,22 @@ def endpoint_of(url: httpx.URL) -> str:
 
 
 class CtrlC(httpx.AsyncBaseTransport):
-    """The fake's transport; "presses Ctrl-C" once the fake answered the *nth* request to
-    *endpoint*, and holds that answer back until the main thread has the interrupt."""
+    """The fake's transport; once armed, "presses Ctrl-C" when the fake has answered the
+    *nth* request to *endpoint*, and holds that answer back until the main thread has
+    the interrupt."""
 
-    def __init__(self, fake: FakeApimart, delivered: threading.Event, endpoint: str, nth: int = 1):
+    def __init__(self, fake: FakeApimart, delivered: threading.Event) -> None:
         self.inner = fake.transport()
         self.delivered = delivered
+        self.endpoint = ""
+        self.nth = 0
+        self.seen: Counter[str] = Counter()
+
+    def arm(self, endpoint: str, nth: int = 1) -> None:
+        """Interrupt on the *nth* request to *endpoint* from now on."""
         self.endpoint = endpoint
         self.nth = nth
-        self.seen: Counter[str] = Counter()
+        self.seen.clear()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         """Forward to the fake; interrupt the main thread on the chosen request."""
@@ -144,45 +152,89 @@ def submitted(events: list[am.Event]) -> list[str]:
     return [e.task_id for e in events if isinstance(e, SubmittedEvent)]
 
 
+def warned(caplog: pytest.LogCaptureFixture, task_id: str) -> bool:
+    """Whether a WARNING named *task_id* (the keeper's report of an orphaned submit)."""
+    return any(r.levelno == logging.WARNING and task_id in r.getMessage() for r in caplog.records)
+
+
 def test_ctrl_c_during_a_submit_still_hears_the_task(
-    backend: str, delivered: threading.Event
+    backend: str, delivered: threading.Event, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """generate() interrupted with its submit on the wire: the task id reaches on_event,
-    nothing is left running and no request for that task is sent."""
+    """generate() interrupted with its submit on the wire: the call's own work is cancelled
+    before KeyboardInterrupt; the submit is heard out, and its task reaches on_event, the
+    log and orphaned_tasks(); no request for that task follows."""
     fake = FakeApimart(api_key=KEY)
     events: list[am.Event] = []
-    with make(CtrlC(fake, delivered, "submit"), NO_REPOLL) as client:
-        idle = loop_tasks(client)
+    wire = CtrlC(fake, delivered)
+    client = make(wire, NO_REPOLL)
+    with client:
+        wire.arm("submit")
         with pytest.raises(KeyboardInterrupt):
             client.generate(model=GEM, prompt="paid", on_event=events.append)
         assert delivered.is_set()
-        assert submitted(events) == list(fake.tasks)  # the one task created, heard
-        assert loop_tasks(client) == idle and fake.stats.in_flight == 0
-        # The client is intact: its submit slot and the loop work.
+        # The client is intact: its submit slot and its loop work.
         second = client.submit(model=GEM, prompt="next")
         assert client.get_task(second.id).id == second.id
-    (first,) = submitted(events)
+    # close() heard out whatever was still on the wire.
+    (first,) = set(fake.tasks) - {second.id}
+    assert first in submitted(events) and warned(caplog, first)
+    assert [t.id for t in client.orphaned_tasks()] == [first]
     assert fake.stats.polls_by_task.get(first, 0) == 0  # nothing sent for it afterwards
+    assert fake.stats.in_flight == 0
+
+
+def test_ctrl_c_during_a_plain_submit_leaves_an_orphan(
+    backend: str, delivered: threading.Event, caplog: pytest.LogCaptureFixture
+) -> None:
+    """submit() interrupted on the wire: its task is an orphan to collect, and logged."""
+    fake = FakeApimart(api_key=KEY)
+    wire = CtrlC(fake, delivered)
+    client = make(wire)
+    with client:
+        wire.arm("submit")
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            client.submit(model=GEM, prompt="paid")
+    (task_id,) = fake.tasks
+    assert warned(caplog, task_id)
+    # Usually the submit was still on the wire: an orphan, handed out once. If it had
+    # just returned (the loop may be that quick), the interrupt names it instead.
+    orphans = [t.id for t in client.orphaned_tasks()]
+    notes = getattr(interrupt.value, "__notes__", [])
+    assert orphans == [task_id] or any(task_id in note for note in notes)
+    assert client.orphaned_tasks() == []
 
 
 @pytest.mark.skipif(sys.version_info < (3, 11), reason="exception notes are 3.11+")
-def test_ctrl_c_during_a_plain_submit_names_the_task(
-    backend: str, delivered: threading.Event
+def test_ctrl_c_as_a_submit_returns_names_its_task(
+    backend: str, delivered: threading.Event, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """submit() has no on_event: the interrupt carries the task it created, in a note."""
+    """An interrupt that lands as submit() is returning (its SubmittedEvent is being
+    delivered) cannot stop it any more: the KeyboardInterrupt names the task it made."""
     fake = FakeApimart(api_key=KEY)
-    with make(CtrlC(fake, delivered, "submit")) as client, pytest.raises(KeyboardInterrupt) as ki:
-        client.submit(model=GEM, prompt="paid")
-    (task_id,) = fake.tasks
-    assert any(task_id in note for note in ki.value.__notes__)
+
+    def on_event(event: am.Event) -> None:
+        if isinstance(event, SubmittedEvent):
+            assert threading.main_thread().ident is not None
+            signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+            assert delivered.wait(10)  # the loop is held here until the interrupt lands
+
+    with make(fake.transport()) as client:
+        with pytest.raises(KeyboardInterrupt) as interrupt:
+            client.submit(model=GEM, prompt="paid", on_event=on_event)
+        (task_id,) = fake.tasks
+        assert any(task_id in note for note in interrupt.value.__notes__)
+        assert warned(caplog, task_id)
+        assert client.orphaned_tasks() == []  # the caller had it: not an orphan
 
 
 def test_ctrl_c_during_a_poll_cancels_the_wait(backend: str, delivered: threading.Event) -> None:
-    """wait() interrupted in a query: cancelled at once, and no further query follows."""
+    """wait() interrupted in a query: cancelled before KeyboardInterrupt, nothing follows."""
     fake = FakeApimart(api_key=KEY, latency=Latency.fixed(60.0))
-    with make(CtrlC(fake, delivered, "poll"), NO_REPOLL) as client:
+    wire = CtrlC(fake, delivered)
+    with make(wire, NO_REPOLL) as client:
         task = client.submit(model=GEM, prompt="slow")
         idle = loop_tasks(client)
+        wire.arm("poll")
         with pytest.raises(KeyboardInterrupt):
             client.wait(task.id)  # a resumed wait polls at once
         assert loop_tasks(client) == idle and fake.stats.in_flight == 0
@@ -192,38 +244,49 @@ def test_ctrl_c_during_a_poll_cancels_the_wait(backend: str, delivered: threadin
 
 
 def test_ctrl_c_while_blocked_in_generate_many(backend: str, delivered: threading.Event) -> None:
-    """Interrupted while waiting for an outcome (a submit on the wire): the batch is
-    cancelled before KeyboardInterrupt, and every task created was heard."""
+    """Interrupted while waiting for an outcome (a submit on the wire): the batch has
+    stopped when the interrupt leaves the block, and every task created is known."""
     fake = FakeApimart(api_key=KEY, latency=Latency.fast(request_latency=(0.001, 0.002)))
     events: list[am.Event] = []
     outcomes: list[am.Outcome] = []
     items = [{"model": GEM, "prompt": f"p{i}"} for i in range(12)]
-    with make(CtrlC(fake, delivered, "submit", nth=3)) as client:
-        idle = loop_tasks(client)
+    wire = CtrlC(fake, delivered)
+    client = make(wire)
+    with client:
+        wire.arm("submit", nth=3)
         with (
             pytest.raises(KeyboardInterrupt),
             client.generate_many(items, concurrency=4, on_event=events.append) as stream,
         ):
             outcomes.extend(stream)
-        assert loop_tasks(client) == idle and fake.stats.in_flight == 0
-        assert fake.stats.tasks_created >= 3 and len(outcomes) < len(items)
-        known = set(submitted(events)) | {o.task.id for o in outcomes if o.task}
-        assert set(fake.tasks) <= known
-        with client.generate_many(items[:2]) as stream:
-            assert [o.ok for o in stream] == [True, True]
+        # The batch is over when the interrupt leaves the block: none of its jobs
+        # submits or polls again (its submits on the wire went on in the keeper, and
+        # were counted when they arrived).
+        submits, polls = fake.stats.submits, dict(fake.stats.polls_by_task)
+        with client.generate_many(items[:2]) as again:
+            more = list(again)
+        assert [o.ok for o in more] == [True, True]
+        assert fake.stats.submits == submits + 2
+        assert all(fake.stats.polls_by_task.get(t, 0) == n for t, n in polls.items())
+    assert fake.stats.tasks_created >= 3 and len(outcomes) < len(items)
+    known = set(submitted(events)) | {t.id for t in client.orphaned_tasks()}
+    known |= {o.task.id for o in [*outcomes, *more] if o.task is not None}
+    assert set(fake.tasks) <= known
+    assert fake.stats.in_flight == 0
 
 
 def test_ctrl_c_in_the_loop_body_cancels_the_batch(backend: str) -> None:
-    """A KeyboardInterrupt raised by the caller's own code mid-batch: batch cancelled, the
-    interrupt propagates, and it never reaches (or ends) the client's event loop."""
+    """A KeyboardInterrupt raised by the caller's own code mid-batch: the batch is over
+    when it leaves the block, and it never reaches (or ends) the client's event loop."""
     fake = FakeApimart(api_key=KEY, latency=Latency.fixed(0.2, time_scale=0.05))
     items = [{"model": GEM, "prompt": f"p{i}"} for i in range(30)]
     with make(fake.transport()) as client:
-        idle = loop_tasks(client)
         with pytest.raises(KeyboardInterrupt), client.generate_many(items) as stream:
             for _ in stream:
                 raise KeyboardInterrupt
-        assert loop_tasks(client) == idle and fake.stats.in_flight == 0
+        sent = (fake.stats.submits, fake.stats.polls)
+        assert client.get_task(next(iter(fake.tasks))).id  # the loop lives on
+        assert (fake.stats.submits, fake.stats.polls) == (sent[0], sent[1] + 1)
         assert client.generate(model=GEM, prompt="after").status is am.TaskStatus.COMPLETED
 
 
@@ -315,14 +378,15 @@ class Gate:
             await send(message)
 
 
-def lines_of(proc: subprocess.Popen[str]) -> queue.Queue[str]:
-    """Lines of *proc*'s stdout as they come, read by a daemon thread."""
-    lines: queue.Queue[str] = queue.Queue()
+def lines_of(proc: subprocess.Popen[str]) -> queue.Queue[str | None]:
+    """Lines of *proc*'s stdout as they come (then None), read by a daemon thread."""
+    lines: queue.Queue[str | None] = queue.Queue()
 
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
             lines.put(line.rstrip("\n"))
+        lines.put(None)
 
     threading.Thread(target=read, daemon=True).start()
     return lines
@@ -330,7 +394,9 @@ def lines_of(proc: subprocess.Popen[str]) -> queue.Queue[str]:
 
 def test_sigint_to_a_script_in_generate(tmp_path: Path) -> None:
     """Ctrl-C (SIGINT from outside) while a script's generate() has its submit on the wire:
-    the script hears the task, sends nothing more, and exits by KeyboardInterrupt."""
+    the script stops with KeyboardInterrupt, no request for the task follows, and on its
+    way out (the client was never closed) the submit is heard out: its task reaches the
+    script's on_event and the log."""
     fake = FakeApimart(api_key="test", latency=Latency.fixed(60.0))
     gate = Gate(fake.app)
     fake.app = gate
@@ -342,42 +408,52 @@ def test_sigint_to_a_script_in_generate(tmp_path: Path) -> None:
             print("interrupted", flush=True)
             signal.default_int_handler(signum, frame)
 
+        def on_event(event):
+            print(json.dumps([event.kind, getattr(event, "task_id", None)]), flush=True)
+
         signal.signal(signal.SIGINT, on_sigint)
-        events = []
         hour = PollPolicy(first_default=3600, first_min=3600, first_max=3600)  # none due
-        client = Apimart(poll=hour)  # never closed: the exit does it
-        try:
-            client.generate(model={GEM!r}, prompt="paid", on_event=events.append)
-        except KeyboardInterrupt:
-            print(json.dumps([[e.kind, getattr(e, "task_id", None)] for e in events]), flush=True)
-            raise
+        client = Apimart(poll=hour)  # never closed: the interpreter's exit does it
+        client.generate(model={GEM!r}, prompt="paid", on_event=on_event)
     """
-    with served(fake) as url:
-        proc = subprocess.Popen(
+    with (
+        served(fake) as url,
+        subprocess.Popen(
             script(tmp_path, body),
             env=child_env(url),
             text=True,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-        )
+        ) as proc,
+    ):
         try:
             lines = lines_of(proc)
             until(lambda: fake.stats.tasks_created == 1)  # its answer held by the gate
             proc.send_signal(signal.SIGINT)
-            assert lines.get(timeout=30) == "interrupted"
+            printed: list[str] = []
+            while "interrupted" not in printed:
+                line = lines.get(timeout=30)
+                assert line is not None, "the script ended before its interrupt"
+                printed.append(line)
             gate.opened.set()  # the answer travels back only now
-            events = json.loads(lines.get(timeout=30))
-            _, stderr = proc.communicate(timeout=60)
+            while (line := lines.get(timeout=60)) is not None:
+                printed.append(line)
+            proc.wait(timeout=60)
+            assert proc.stderr is not None
+            stderr = proc.stderr.read()
         finally:
             gate.opened.set()
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
     (task_id,) = fake.tasks
-    assert events == [["submitted", task_id]]
+    events = [json.loads(line) for line in printed if line != "interrupted"]
+    assert events == [["submitting", None], ["submitted", task_id]]
+    assert printed.index("interrupted") == 1  # the task was heard after the interrupt
     assert fake.stats.polls == 0  # no request for the task after the interrupt
     assert proc.returncode == -signal.SIGINT  # died of the interrupt, as Python scripts do
-    assert stderr.rstrip().splitlines()[-1] == "KeyboardInterrupt"
+    assert "KeyboardInterrupt" in stderr.splitlines()
+    assert f"task {task_id} was created" in stderr  # the keeper's WARNING, at exit
 
 
 def until(condition: Callable[[], bool]) -> None:
