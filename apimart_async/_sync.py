@@ -82,13 +82,14 @@ if TYPE_CHECKING:
     from ._events import EventHandler
     from ._transport import Backend
     from .models import BaseImageRequest
-    from .types import Event, UploadedImage
+    from .types import UploadedImage
 
 __all__ = ["Apimart"]
 
 logger = logging.getLogger("apimart_async.submit")
 
 T = TypeVar("T")
+F = TypeVar("F", bound="Callable[..., Any]")
 
 _CLOSED = "this Apimart client is closed; create a new one"
 _CLOSED_WHILE_RUNNING = (
@@ -362,15 +363,15 @@ class Apimart:
         many items further ahead than in the async client.
         """
         batch = self._client.generate_many(
-            requests,
+            _carried_items(requests),
             concurrency=concurrency,
             fail_fast=fail_fast,
             timeout=timeout,
             download_to=download_to,
             on_event=_carried(on_event),
             allow_unknown=allow_unknown,
-            idempotency_keys=idempotency_keys,
-            known_tasks=known_tasks,
+            idempotency_keys=_carried(idempotency_keys),
+            known_tasks=_carried(known_tasks),
         )
         with self._runner.batch(batch) as outcomes:
             yield outcomes
@@ -430,7 +431,7 @@ class _Call(Generic[T]):
     def outcome(self) -> T:
         """After ``done``: the result, or the error, as the caller's thread sees it."""
         if self.escaped is not None:
-            raise self.escaped
+            raise _sole(self.escaped)  # not in the group of one a task group made
         if isinstance(self.error, _Escape):
             raise self.error.carried
         if self.error is not None:
@@ -749,11 +750,12 @@ class _Marker(enum.Enum):
 
 
 class _Escape(Exception):
-    """A ``SystemExit`` (or other non-``Exception``) raised by a callback on the loop.
+    """A ``SystemExit`` (or other non-``Exception``) raised by user code on the loop.
 
-    Left as it is, it would end the event loop (and every call on it). Carried as an
-    ordinary error, it fails what the callback was part of, and the caller's thread
-    raises the original.
+    Left as it is, it would end the event loop (and every call on it), or, from a
+    batch's input, leave the batch in an exception group. Carried as an ordinary
+    error, it fails what the callback was part of (the input counts as broken), and
+    the caller's thread raises the original.
     """
 
     def __init__(self, carried: BaseException) -> None:
@@ -761,21 +763,37 @@ class _Escape(Exception):
         self.carried = carried
 
 
-def _carried(handler: EventHandler | None) -> EventHandler | None:
-    """*handler*, with what it raises that is not an ``Exception`` carried (``_Escape``)."""
-    if handler is None:
+def _carried(callback: F | None) -> F | None:
+    """*callback* (sync, or returning an awaitable), with what it raises that is not an
+    ``Exception`` carried as an ``_Escape``."""
+    if callback is None:
         return None
 
-    def carried(event: Event) -> Any:
+    def carried(*args: Any) -> Any:
         try:
-            result = handler(event)
+            result = callback(*args)
         except Exception:
             raise
         except BaseException as exc:
             raise _Escape(exc) from exc
         return _awaited(result) if inspect.isawaitable(result) else result
 
-    return carried
+    return cast("F", carried)
+
+
+def _carried_items(items: Iterable[Any]) -> Iterator[Any]:
+    """*items*, read lazily, with what reading raises that is not an ``Exception`` carried."""
+    iterator = iter(items)
+    while True:
+        try:
+            item = next(iterator)
+        except StopIteration:
+            return
+        except Exception:
+            raise
+        except BaseException as exc:
+            raise _Escape(exc) from exc
+        yield item
 
 
 async def _awaited(result: Awaitable[Any]) -> Any:

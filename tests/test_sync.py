@@ -426,17 +426,46 @@ def test_async_callbacks_are_awaited_on_the_clients_loop(backend: str) -> None:
     assert kinds[:2] == ["submitting", "submitted"] and kinds[-1] == "completed"
 
 
-def test_system_exit_from_a_callback_reaches_the_caller(backend: str) -> None:
-    """sys.exit() in a callback is raised in the caller's thread; the loop lives on."""
+@pytest.mark.parametrize("kind", ["submitting", "completed"])
+@pytest.mark.parametrize("handler", ["sync", "async"])
+def test_system_exit_from_a_callback_reaches_the_caller(
+    backend: str, kind: str, handler: str
+) -> None:
+    """sys.exit() in an on_event callback, in the submit keeper or the caller's task, sync
+    or async: raised in the caller's thread, and the client's loop lives on."""
     fake = FakeApimart(api_key=KEY)
 
-    def on_event(event: am.Event) -> None:
-        raise SystemExit(3)
+    def exit_on(event: am.Event) -> None:
+        if event.kind == kind:
+            raise SystemExit(3)
 
+    async def exit_on_async(event: am.Event) -> None:
+        await anyio.lowlevel.checkpoint()
+        exit_on(event)
+
+    on_event = exit_on if handler == "sync" else exit_on_async
     with make(fake) as client:
         with pytest.raises(SystemExit) as raised:
             client.generate(model=GEM, prompt="x", on_event=on_event)
         assert raised.value.code == 3
+        with pytest.raises(SystemExit), client.generate_many(jobs(3), on_event=on_event) as outs:
+            list(outs)
+        assert client.generate(model=GEM, prompt="still works").status is am.TaskStatus.COMPLETED
+
+
+def test_system_exit_from_the_input_reaches_the_caller(backend: str) -> None:
+    """sys.exit() in generate_many's input iterator (on the client's thread): raised in
+    the caller's thread when the block ends; the client's loop lives on."""
+    fake = FakeApimart(api_key=KEY)
+
+    def source() -> Iterator[dict[str, Any]]:
+        yield jobs(1)[0]
+        raise SystemExit(4)
+
+    with make(fake) as client:
+        with pytest.raises(SystemExit) as raised, client.generate_many(source()) as outcomes:
+            list(outcomes)
+        assert raised.value.code == 4
         assert client.generate(model=GEM, prompt="still works").status is am.TaskStatus.COMPLETED
 
 

@@ -89,6 +89,22 @@ def test_close_from_two_threads_at_once(backend: str) -> None:
     assert ended == [True, True]
 
 
+def test_a_client_whose_loop_ended_says_so(backend: str) -> None:
+    """Should the client's loop end on its own, calls fail clearly and close() still works."""
+    fake = FakeApimart(api_key=KEY)
+    client = make(fake)
+    task = client.submit(model=GEM, prompt="x")
+    portal = client._runner._portal  # pyright: ignore[reportPrivateUsage]
+    portal.call(portal.stop)  # the loop ends under the client's feet
+    with pytest.raises(RuntimeError, match="event loop of this Apimart client has ended"):
+        client.get_task(task.id)
+    assert client.orphaned_tasks() == []
+    client.close()
+    assert client.is_closed
+    with pytest.raises(RuntimeError, match="closed"):
+        client.get_task(task.id)
+
+
 @pytest.mark.parametrize("second", ["asyncio", "trio"])
 def test_async_client_on_another_event_loop_is_a_clear_error(second: str) -> None:
     """Issue 16: a module-level AsyncApimart driven by two asyncio.run calls (or asyncio
