@@ -24,6 +24,8 @@ from ._exceptions import (
     APITimeoutError,
     AuthenticationError,
     BadRequestError,
+    BalanceUnavailableError,
+    BudgetExceededError,
     ConflictError,
     InsufficientBalanceError,
     InvalidImageError,
@@ -43,9 +45,10 @@ from ._exceptions import (
     TaskTimeoutError,
     UnknownModelError,
 )
-from ._sync import Apimart
+from ._pipeline import OutcomeStream
+from ._sync import Apimart, OutcomeIterator
 from ._version import __version__
-from .types import Event, Outcome, Task, TaskStatus, UploadedImage
+from .types import AccountBalance, Event, Outcome, Task, TaskStatus, UploadedImage
 
 __all__ = [
     "DEFAULT_WAIT_TIMEOUT",
@@ -54,11 +57,14 @@ __all__ = [
     "APIResponseValidationError",
     "APIStatusError",
     "APITimeoutError",
+    "AccountBalance",
     "Apimart",
     "ApimartError",
     "AsyncApimart",
     "AuthenticationError",
     "BadRequestError",
+    "BalanceUnavailableError",
+    "BudgetExceededError",
     "ConflictError",
     "Event",
     "InsufficientBalanceError",
@@ -68,6 +74,8 @@ __all__ = [
     "MissingAPIKeyError",
     "NotFoundError",
     "Outcome",
+    "OutcomeIterator",
+    "OutcomeStream",
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "PollPolicy",

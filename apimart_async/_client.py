@@ -20,11 +20,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import anyio
 
 from . import _config, _jobs
+from ._budget import Budget
 from ._config import Limits, PollPolicy, RetryPolicy
 from ._download import download_images
 from ._events import checked_key, emit
 from ._http import HttpCore
-from ._pipeline import Pipeline
+from ._parsing import parse_balance
+from ._pipeline import OutcomeStream, Pipeline
 from ._runtime import current_loop, loop_mismatch
 from ._telemetry import Telemetry
 from ._transport import open_transport
@@ -38,7 +40,6 @@ if TYPE_CHECKING:
     from collections.abc import (
         AsyncGenerator,
         AsyncIterable,
-        AsyncIterator,
         Callable,
         Iterable,
         Mapping,
@@ -52,7 +53,7 @@ if TYPE_CHECKING:
 
     from ._events import EventHandler
     from ._transport import Backend
-    from .types import Outcome, UploadedImage
+    from .types import AccountBalance, UploadedImage
 
 __all__ = ["NOT_GIVEN", "AsyncApimart"]
 
@@ -316,6 +317,21 @@ class AsyncApimart:
         self._check_open()
         return await _jobs.query(self._res, _jobs.task_path(task_id))
 
+    async def balance(self, *, account: bool = False) -> AccountBalance:
+        """What the key (or, with *account*, the whole account) has left to spend.
+
+        Reads ``GET /v1/balance`` (``/v1/user/balance`` with *account*); costs nothing.
+        ``unlimited`` is True for keys without a quota (``remaining`` is then None).
+
+        Raises:
+            BalanceUnavailableError: the service answered ``success: false``.
+            AuthenticationError, InsufficientBalanceError, ...: the request failed.
+        """
+        self._check_open()
+        path = "/v1/user/balance" if account else "/v1/balance"
+        res = self._res
+        return parse_balance(await res.retry_query(res.http.request_json, "GET", path))
+
     # -- wait ----------------------------------------------------------------------
 
     async def wait(
@@ -454,7 +470,10 @@ class AsyncApimart:
         allow_unknown: bool = False,
         idempotency_keys: Callable[[int, Any], str | None] | None = None,
         known_tasks: Callable[[int, Any], str | None] | None = None,
-    ) -> AsyncGenerator[AsyncIterator[Outcome], None]:
+        max_cost: float | None = None,
+        max_images: int | None = None,
+        prices: Mapping[str, float] | None = None,
+    ) -> AsyncGenerator[OutcomeStream, None]:
         """Run many pipelines at once; yield their ``Outcome``s as they finish.
 
         ``async with client.generate_many(requests) as outcomes: async for o in
@@ -470,8 +489,18 @@ class AsyncApimart:
         *idempotency_keys(index, request)* may supply each job's key (a resumable
         journal keeps them); *known_tasks(index, request)* may return a task id that
         was already submitted, which is then only waited for, never resubmitted.
+
+        Spending: *max_cost* (USD) and *max_images* cap what this run may submit;
+        *prices* (USD per image, by model) lets a job's cost be estimated before its
+        first task reports one. A submit starts only while it cannot exceed a cap
+        (what is spent plus what submits under way may spend); once one could, no more
+        submits start and the jobs not started get a ``BudgetExceededError`` outcome
+        (nothing was sent for them: a rerun with a higher budget continues). The first
+        402 (``InsufficientBalanceError``) or 401 on a submit stops submitting the same
+        way. The stream reports ``spent``, ``cost_unknown`` and ``stopped``.
         """
         self._check_open()
+        budget = Budget(max_cost=max_cost, max_images=max_images, prices=prices)
         pipeline = Pipeline(
             self._res,
             concurrency=concurrency,
@@ -483,6 +512,7 @@ class AsyncApimart:
             idempotency_keys=idempotency_keys,
             known_tasks=known_tasks,
             limits=self._limits,
+            budget=budget,
         )
         async with pipeline.run(requests) as outcomes:
             yield outcomes

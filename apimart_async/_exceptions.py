@@ -17,6 +17,8 @@ What the network or the service did to you is an ``ApimartError``::
     │   └── ServerError               5xx
     ├── APIResponseValidationError    a body we could not understand
     ├── SubmissionUncertainError      a paid submit may or may not have created a task
+    ├── BudgetExceededError           a batch's spending cap stopped this job's submit
+    ├── BalanceUnavailableError       the balance endpoint answered success: false
     └── TaskError                     the task ended without images (.task_id, .task)
         ├── TaskFailedError           status failed (.reason)
         ├── TaskCancelledError        status cancelled
@@ -56,6 +58,8 @@ __all__ = [
     "ApimartError",
     "AuthenticationError",
     "BadRequestError",
+    "BalanceUnavailableError",
+    "BudgetExceededError",
     "ConflictError",
     "InsufficientBalanceError",
     "InvalidImageError",
@@ -233,6 +237,32 @@ class SubmissionUncertainError(ApimartError):
             f"the submit may or may not have created a task ({reason}); "
             f"retry only with idempotency_key={idempotency_key!r}"
         )
+
+
+class BudgetExceededError(ApimartError):
+    """A ``generate_many`` budget (``max_cost`` / ``max_images``) stopped this job before
+    its submit: nothing was sent for it, so a rerun with a higher budget continues.
+
+    *spent* is what is certainly spent, *reserved* what submits under way may still
+    cost (USD, or images for *max_images*); *limit* the cap that was reached.
+    """
+
+    def __init__(self, message: str, *, spent: float, reserved: float, limit: float) -> None:
+        super().__init__(message)
+        self.spent = spent
+        self.reserved = reserved
+        self.limit = limit
+
+
+class BalanceUnavailableError(ApimartError):
+    """The balance endpoint answered HTTP 200 with ``success: false`` (§10).
+
+    *message* is the service's own, e.g. ``"Failed to get token info"``.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"the service could not report the balance: {message}")
+        self.message = message
 
 
 class TaskError(ApimartError):

@@ -27,7 +27,7 @@ import json
 import logging
 import math
 import random
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
 import anyio
@@ -76,6 +76,7 @@ if TYPE_CHECKING:
     from .types import UploadedImage
 
 __all__ = [
+    "Gate",
     "Job",
     "Resources",
     "checked_task_id",
@@ -163,6 +164,18 @@ class Resources:
         self.call_bound = math.inf if retry.timeout is None else retry.timeout + request
 
 
+class Gate(Protocol):
+    """A batch's say on each submit (``generate_many``: budgets, a 402/401 stop)."""
+
+    async def admit(self, job: Job) -> None:
+        """Before the job takes a submit slot: may wait, or raise to refuse it."""
+        ...
+
+    def check(self, job: Job) -> None:
+        """Right before the submit is sent (slot held): raise if submitting stopped."""
+        ...
+
+
 class Job:
     """One pipeline's state, from its request to its settled outcome.
 
@@ -174,6 +187,7 @@ class Job:
     __slots__ = (
         "deadline",
         "fresh",
+        "gate",
         "index",
         "item",
         "key",
@@ -218,6 +232,7 @@ class Job:
         self.timings: dict[str, float] = {}
         self.requeries = 0
         self.polls = 0
+        self.gate: Gate | None = None  # a batch's say on whether this job may submit
         self.model = request.model if request is not None else None
         self.span: object = None  # the pipeline span while telemetry has one open
 
@@ -380,10 +395,19 @@ async def submit(res: Resources, job: Job) -> Task:
     body = request.to_body()
     # Serialised once: every attempt sends byte-identical JSON under the same key.
     content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+    gate = job.gate
     with anyio.CancelScope(deadline=job.deadline) as scope:
+        if gate is not None:
+            await gate.admit(job)
         await res.submit_slots.acquire()
     if scope.cancelled_caught:
         raise _deadline_passed(res, job, "waiting to submit", SUBMIT_PATH, sent=False)
+    if gate is not None:
+        try:
+            gate.check(job)  # the last word: submitting may have stopped meanwhile
+        except BaseException:
+            res.submit_slots.release()
+            raise
     job.request = None  # hold nothing the wait does not need
     flight = Flight(
         job.key,

@@ -19,10 +19,11 @@ from ._config import RESULT_URL_TTL, UPLOAD_URL_TTL
 from ._exceptions import (
     APIResponseValidationError,
     APIStatusError,
+    BalanceUnavailableError,
     RateLimitError,
     status_error_class,
 )
-from .types import Task, TaskErrorInfo, TaskStatus, UploadedImage
+from .types import AccountBalance, Task, TaskErrorInfo, TaskStatus, UploadedImage
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -31,6 +32,7 @@ __all__ = [
     "as_object",
     "decode_json",
     "error_from_body",
+    "parse_balance",
     "parse_retry_after",
     "parse_submit",
     "parse_task",
@@ -293,6 +295,35 @@ def parse_task(body: object) -> Task:
         cost=_number(data.get("cost")),
         credits_cost=_number(data.get("credits_cost")),
         error=_task_error(data.get("error") or data.get("fail_reason")),
+        raw=data,
+    )
+
+
+def parse_balance(body: object) -> AccountBalance:
+    """An ``AccountBalance`` from ``/v1/balance`` or ``/v1/user/balance`` (§10).
+
+    The failure form is HTTP 200 with ``success: false`` and a ``message``: that is a
+    ``BalanceUnavailableError``; ``remain_balance: -1`` means an unlimited key.
+    """
+    envelope = as_object(body)
+    data = envelope if envelope is not None else None
+    if data is not None and "remain_balance" not in data:
+        data = as_object(data.get("data")) or data
+    if data is None:
+        raise _invalid("balance response is not an object", body)
+    if data.get("success") is False:
+        message = _as_str(data.get("message")) or _as_str(data.get("msg")) or "no reason given"
+        raise BalanceUnavailableError(message)
+    remaining = _number(data.get("remain_balance"))
+    if remaining is None and "remain_balance" not in data:
+        raise _invalid("balance response carries no remain_balance", body)
+    unlimited = data.get("unlimited_quota") is True or remaining == -1
+    unit = _as_str(data.get("unit")) or _as_str(data.get("currency"))
+    return AccountBalance(
+        remaining=None if unlimited else remaining,
+        used=_number(data.get("used_balance")),
+        unlimited=unlimited,
+        unit=unit,
         raw=data,
     )
 

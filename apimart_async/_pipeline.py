@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import logging
 import math
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable, Iterator
@@ -49,6 +50,12 @@ from . import _jobs
 from ._clock import now
 from ._download import download_images
 from ._events import emit, new_idempotency_key
+from ._exceptions import (
+    AuthenticationError,
+    BudgetExceededError,
+    InsufficientBalanceError,
+    SubmissionUncertainError,
+)
 from ._jobs import Job
 from .models import BaseImageRequest, parse_request
 from .types import DownloadedEvent, Event, Outcome, Task, TaskStatus
@@ -59,10 +66,21 @@ if TYPE_CHECKING:
 
     from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+    from ._budget import Budget
     from ._config import Limits
     from ._jobs import Resources
 
-__all__ = ["Pipeline"]
+__all__ = ["OutcomeStream", "Pipeline"]
+
+logger = logging.getLogger("apimart_async.pipeline")
+
+
+def _images_of(request: BaseImageRequest) -> int:
+    """How many images the request asks for (``n``, else 1)."""
+    n = getattr(request, "n", None)
+    if n is None and request.__pydantic_extra__:
+        n = request.__pydantic_extra__.get("n")
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 def _outcome(
@@ -72,16 +90,30 @@ def _outcome(
     return Outcome(job.index or 0, job.item, task, error, job.timings, files, job.key)
 
 
-class _Outcomes:
-    """The caller's view of the outcome stream: taking an outcome frees its job's slot."""
+class OutcomeStream:
+    """The outcomes of a ``generate_many`` run, as they finish; and what they cost.
 
-    __slots__ = ("_receive", "_slots")
+    Iterate it (``async for outcome in stream``); taking an outcome frees its job's
+    place. While and after iterating, *spent* is what the finished tasks cost (USD, as
+    the service reported), *cost_unknown* how many submitted jobs have no known cost
+    (the service did not say, the submit was uncertain, or the task was still running
+    at the deadline), and *stopped* the error that ended submitting early (a budget,
+    or a 402/401 from the service), if one did.
+    """
 
-    def __init__(self, receive: MemoryObjectReceiveStream[Outcome], slots: anyio.Semaphore):
+    __slots__ = ("_pipeline", "_receive", "_slots")
+
+    def __init__(
+        self,
+        receive: MemoryObjectReceiveStream[Outcome],
+        slots: anyio.Semaphore,
+        pipeline: Pipeline,
+    ) -> None:
         self._receive = receive
         self._slots = slots
+        self._pipeline = pipeline
 
-    def __aiter__(self) -> _Outcomes:
+    def __aiter__(self) -> OutcomeStream:
         return self
 
     async def __anext__(self) -> Outcome:
@@ -95,6 +127,21 @@ class _Outcomes:
             raise StopAsyncIteration from None
         self._slots.release()
         return outcome
+
+    @property
+    def spent(self) -> float:
+        """USD the finished tasks of this run cost, as the service reported."""
+        return self._pipeline.budget.spent
+
+    @property
+    def cost_unknown(self) -> int:
+        """Submitted jobs of this run whose cost is not known."""
+        return self._pipeline.cost_unknown
+
+    @property
+    def stopped(self) -> BaseException | None:
+        """What ended submitting early (``BudgetExceededError``, 402, 401), if anything."""
+        return self._pipeline.stop
 
 
 class _Source:
@@ -167,6 +214,7 @@ class Pipeline:
         idempotency_keys: Callable[[int, Any], str | None] | None,
         known_tasks: Callable[[int, Any], str | None] | None,
         limits: Limits,
+        budget: Budget,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -196,11 +244,16 @@ class Pipeline:
         self._send: MemoryObjectSendStream[Outcome] | None = None
         # Jobs with an open pipeline span (telemetry only), ended here if cancelled.
         self._live: set[Job] | None = set() if res.telemetry is not None else None
+        # The spending side: what each admitted job reserved, and what stopped submits.
+        self.budget = budget
+        self._admitted: dict[Job, tuple[str, int, float | None]] = {}
+        self.stop: BaseException | None = None
+        self.cost_unknown = 0
 
     @asynccontextmanager
     async def run(
         self, requests: Iterable[Any] | AsyncIterable[Any]
-    ) -> AsyncGenerator[AsyncIterator[Outcome], None]:
+    ) -> AsyncGenerator[OutcomeStream, None]:
         """Start the jobs; yield the stream of their outcomes; cancel what is left."""
         source = _Source(requests)
         # Unbounded, yet it never holds more than *concurrency* outcomes: a slot is
@@ -211,7 +264,7 @@ class Pipeline:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._drive, source, send, slots)
                 try:
-                    yield _Outcomes(receive, slots)
+                    yield OutcomeStream(receive, slots, self)
                 finally:
                     tg.cancel_scope.cancel()
         finally:
@@ -281,6 +334,9 @@ class Pipeline:
                 _jobs.open_span(self._res, job, "apimart.job")
                 self._live.add(job)
             if not known:
+                if self.stop is not None:  # nothing of this job is even uploaded
+                    raise self._stopped()
+                job.gate = self
                 await _jobs.start(self._res, job)
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             await self._failed(job, exc)
@@ -292,6 +348,70 @@ class Pipeline:
             self._wait(job, delay)
         else:
             await self._poll_due(job)
+
+    # -- the spending side: budgets, and a 402/401 that stops every submit ---------
+
+    async def admit(self, job: Job) -> None:
+        """``Gate``: reserve the job's place in the budget (may wait, or refuse)."""
+        if self.stop is not None:
+            raise self._stopped()
+        request = job.request
+        assert request is not None
+        images = _images_of(request)
+        try:
+            estimate = await self.budget.admit(request.model, images)
+        except BudgetExceededError as exc:
+            self._halt(exc)
+            raise
+        self._admitted[job] = (request.model, images, estimate)
+
+    def check(self, job: Job) -> None:
+        """``Gate``: right before sending, refuse if submitting stopped meanwhile."""
+        if self.stop is not None:
+            admitted = self._admitted.pop(job, None)
+            if admitted is not None:
+                self.budget.release(*admitted)
+            raise self._stopped()
+
+    def _halt(self, error: BaseException) -> None:
+        """Start no more submits: a budget is reached, or the service said 402/401."""
+        if self.stop is None:
+            self.stop = error
+            logger.warning("generate_many stops submitting: %s", error)
+
+    def _stopped(self) -> BaseException:
+        # Each job gets its own error, raised from the one that stopped the run.
+        stop = self.stop
+        assert stop is not None
+        # A copy of the same class and attributes (copy.copy would call __init__ with
+        # the message alone, which our errors' keyword-only signatures refuse).
+        error = type(stop).__new__(type(stop))
+        error.__dict__.update(stop.__dict__)
+        error.args = stop.args
+        if not isinstance(stop, BudgetExceededError):
+            error.__cause__ = stop
+        return error
+
+    def _account(self, job: Job, outcome: Outcome) -> None:
+        """What the job's outcome means for the budget (and the 402/401 stop)."""
+        error, task = outcome.error, outcome.task
+        if task is None and isinstance(error, InsufficientBalanceError | AuthenticationError):
+            self._halt(error)
+        admitted = self._admitted.pop(job, None)
+        if admitted is None:
+            return
+        status = task.status if task is not None else None
+        if status is TaskStatus.COMPLETED:
+            assert task is not None
+            self.budget.settle(*admitted, task.cost)
+            if task.cost is None:
+                self.cost_unknown += 1
+        elif status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+            self.budget.release(*admitted)  # refunded by the service
+        elif task is None and not isinstance(error, SubmissionUncertainError):
+            self.budget.release(*admitted)  # refused: nothing was created
+        else:  # uncertain, or still running at the deadline: it may yet cost
+            self.cost_unknown += 1
 
     # -- waiting: the scheduler and the poll workers ------------------------------
 
@@ -402,6 +522,7 @@ class Pipeline:
     def _settle(self, job: Job, outcome: Outcome) -> None:
         assert self._send is not None
         self._active -= 1
+        self._account(job, outcome)
         if self._live is not None:
             self._live.discard(job)
             _jobs.close_span(self._res, job, outcome.error)

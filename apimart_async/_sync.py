@@ -80,11 +80,12 @@ if TYPE_CHECKING:
 
     from ._config import Limits, PollPolicy, RetryPolicy
     from ._events import EventHandler
+    from ._pipeline import OutcomeStream
     from ._transport import Backend
     from .models import BaseImageRequest
-    from .types import UploadedImage
+    from .types import AccountBalance, UploadedImage
 
-__all__ = ["Apimart"]
+__all__ = ["Apimart", "OutcomeIterator"]
 
 logger = logging.getLogger("apimart_async.submit")
 
@@ -282,6 +283,11 @@ class Apimart:
         client = self._client
         return self._runner.run(lambda: client.get_task(task_id))
 
+    def balance(self, *, account: bool = False) -> AccountBalance:
+        """What the key (or the account) has left to spend (see ``AsyncApimart.balance``)."""
+        client = self._client
+        return self._runner.run(lambda: client.balance(account=account))
+
     def wait(
         self,
         task: str | Task,
@@ -349,7 +355,10 @@ class Apimart:
         allow_unknown: bool = False,
         idempotency_keys: Callable[[int, Any], str | None] | None = None,
         known_tasks: Callable[[int, Any], str | None] | None = None,
-    ) -> Generator[Iterator[Outcome], None, None]:
+        max_cost: float | None = None,
+        max_images: int | None = None,
+        prices: Mapping[str, float] | None = None,
+    ) -> Generator[OutcomeIterator, None, None]:
         """Run many pipelines at once; iterate their ``Outcome``s as they finish.
 
         ``with client.generate_many(requests) as outcomes: for o in outcomes: ...``,
@@ -358,9 +367,11 @@ class Apimart:
         works; it must not call the client), one ``Outcome`` per item, at most
         *concurrency* jobs at the service at once, and leaving the block early
         (``break``, an exception, Ctrl-C) cancels the work still running and returns
-        once none is left. The pipelines run while your loop body does; the iterator
-        collects up to 8 finished outcomes ahead of you, so the input may be read that
-        many items further ahead than in the async client.
+        once none is left, and the spending caps (*max_cost*, *max_images*, *prices*),
+        reported on the iterator (``spent``, ``cost_unknown``, ``stopped``). The
+        pipelines run while your loop body does; the iterator collects up to 8 finished
+        outcomes ahead of you, so the input may be read that many items further ahead
+        than in the async client.
         """
         batch = self._client.generate_many(
             _carried_items(requests),
@@ -372,6 +383,9 @@ class Apimart:
             allow_unknown=allow_unknown,
             idempotency_keys=_carried(idempotency_keys),
             known_tasks=_carried(known_tasks),
+            max_cost=max_cost,
+            max_images=max_images,
+            prices=prices,
         )
         with self._runner.batch(batch) as outcomes:
             yield outcomes
@@ -565,8 +579,8 @@ class _Runner:
 
     @contextmanager
     def batch(
-        self, acm: AbstractAsyncContextManager[AsyncIterator[Outcome]]
-    ) -> Generator[_Outcomes, None, None]:
+        self, acm: AbstractAsyncContextManager[OutcomeStream]
+    ) -> Generator[OutcomeIterator, None, None]:
         """Enter a ``generate_many`` batch on the loop; iterate it from this thread.
 
         An ``Exception`` from the block is passed into the batch (as ``async with``
@@ -582,7 +596,7 @@ class _Runner:
             self._forget(call)
             raise
         try:
-            yield _Outcomes(self, batch)
+            yield OutcomeIterator(self, batch)
         except Exception as exc:
             self._leave(call, batch, exc)
             raise
@@ -681,12 +695,14 @@ class _Batch:
         "finished",
         "items",
         "leave",
+        "stream",
     )
 
-    def __init__(self, acm: AbstractAsyncContextManager[AsyncIterator[Outcome]]) -> None:
+    def __init__(self, acm: AbstractAsyncContextManager[OutcomeStream]) -> None:
         self._acm = acm
         self.entered: Future[None] = Future()
         self.error: Exception | None = None
+        self.stream: OutcomeStream  # the async batch's, once entered
         self.leave: anyio.Event
         self.finished = False  # set on the loop once the batch has been left
         self.items: queue.SimpleQueue[Outcome | _Marker] = queue.SimpleQueue()
@@ -698,6 +714,7 @@ class _Batch:
         """On the loop: enter the batch, pump until told to leave, leave it."""
         try:
             async with self._acm as outcomes:
+                self.stream = outcomes
                 self.leave = anyio.Event()
                 self.entered.set_result(None)
                 async with anyio.create_task_group() as tg:
@@ -805,8 +822,13 @@ async def _awaited(result: Awaitable[Any]) -> Any:
         raise _Escape(exc) from exc
 
 
-class _Outcomes:
-    """The caller's plain iterator over a batch's outcomes."""
+class OutcomeIterator:
+    """The outcomes of an ``Apimart.generate_many`` batch as they finish; what they cost.
+
+    The blocking twin of ``OutcomeStream``: iterate it (``for outcome in outcomes``);
+    *spent*, *cost_unknown* and *stopped* mean what they mean there, during the batch
+    and after it.
+    """
 
     __slots__ = ("_batch", "_runner")
 
@@ -814,8 +836,23 @@ class _Outcomes:
         self._runner = runner
         self._batch = batch
 
-    def __iter__(self) -> _Outcomes:
+    def __iter__(self) -> OutcomeIterator:
         return self
+
+    @property
+    def spent(self) -> float:
+        """USD the finished tasks of this batch cost, as the service reported."""
+        return self._batch.stream.spent
+
+    @property
+    def cost_unknown(self) -> int:
+        """Submitted jobs of this batch whose cost is not known."""
+        return self._batch.stream.cost_unknown
+
+    @property
+    def stopped(self) -> BaseException | None:
+        """What ended submitting early (``BudgetExceededError``, 402, 401), if anything."""
+        return self._batch.stream.stopped
 
     def __next__(self) -> Outcome:
         if threading.get_ident() == self._runner.thread_id:

@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
 __all__ = [
+    "AccountBalance",
     "CompletedEvent",
     "DownloadedEvent",
     "Event",
@@ -88,6 +89,21 @@ _ALIASES = {
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="ignore")
+
+
+class AccountBalance(_Frozen):
+    """What ``AsyncApimart.balance()`` read: the key's (or the account's) balance.
+
+    *remaining* and *used* are in *unit* (the service's configured unit, ``None`` when
+    its answer does not say; APIMart's default is USD). *unlimited* is True for keys
+    without a quota, where *remaining* is None (the service says ``-1``).
+    """
+
+    remaining: float | None
+    used: float | None
+    unlimited: bool
+    unit: str | None = None
+    raw: dict[str, Any] = Field(default_factory=dict, repr=False)
 
 
 class UploadedImage(_Frozen):
@@ -168,6 +184,20 @@ class Outcome:
         """Whether the job completed."""
         return self.error is None
 
+    @property
+    def cost(self) -> float | None:
+        """What the task cost in USD, as the service reported it (None: not said).
+
+        0 for a failed task (the service refunds it); None when no task was created
+        or the service did not say.
+        """
+        return self.task.cost if self.task is not None else None
+
+    @property
+    def credits_cost(self) -> float | None:
+        """The same cost in the service's credits (10 credits = 1 USD), if reported."""
+        return self.task.credits_cost if self.task is not None else None
+
 
 @dataclass(frozen=True, slots=True)
 class UploadedEvent:
@@ -225,6 +255,11 @@ class CompletedEvent:
     elapsed: float
     job: int | None = None
     kind: Literal["completed"] = "completed"
+
+    @property
+    def cost(self) -> float | None:
+        """What the task cost in USD, if the service said (``task.cost``)."""
+        return self.task.cost
 
 
 @dataclass(frozen=True, slots=True)

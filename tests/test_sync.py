@@ -106,7 +106,16 @@ def unknown_tasks(fake: FakeApimart, events: list[am.Event], outcomes: Any = ())
 
 # -- the API is the async client's ------------------------------------------------------
 
-METHODS = ["upload_image", "submit", "get_task", "wait", "generate", "download", "generate_many"]
+METHODS = [
+    "upload_image",
+    "submit",
+    "get_task",
+    "balance",
+    "wait",
+    "generate",
+    "download",
+    "generate_many",
+]
 
 
 @pytest.mark.parametrize("name", ["__init__", *METHODS])
@@ -125,8 +134,8 @@ def test_signatures_match_the_async_client(name: str) -> None:
         else:
             assert param.annotation == twin.annotation, param.name
     if name == "generate_many":
-        assert sync.return_annotation == "Generator[Iterator[Outcome], None, None]"
-        assert asyn.return_annotation == "AsyncGenerator[AsyncIterator[Outcome], None]"
+        assert sync.return_annotation == "Generator[OutcomeIterator, None, None]"
+        assert asyn.return_annotation == "AsyncGenerator[OutcomeStream, None]"
     else:
         assert sync.return_annotation == asyn.return_annotation
     assert not inspect.iscoroutinefunction(getattr(Apimart, name))
@@ -154,6 +163,23 @@ def test_every_method_blocks_and_returns_the_async_results(backend: str, tmp_pat
     assert fake.stats.uploads == 2 and fake.stats.tasks_created == 2
     # The file was read in a worker thread of the client's loop: gone with the client.
     assert [t.name for t in set(threading.enumerate()) - before if not trio_cache(t)] == []
+
+
+def test_balance_and_a_batch_budget(backend: str) -> None:
+    """balance(), and generate_many's caps and spending report, through the blocking client."""
+    fake = FakeApimart(api_key=KEY, balance=10.0)
+    price = fake.price_of(GEM)
+    with make(fake) as client:
+        with client.generate_many(jobs(5, n=2), concurrency=1, max_images=5) as outcomes:
+            taken = list(outcomes)
+        assert sum(o.ok for o in taken) == 2  # 2 jobs of 2 images; a third would pass 5
+        refused = [o for o in taken if not o.ok]
+        assert all(isinstance(o.error, am.BudgetExceededError) for o in refused)
+        assert isinstance(outcomes.stopped, am.BudgetExceededError)
+        assert outcomes.spent == pytest.approx(4 * price) and outcomes.cost_unknown == 0
+        balance = client.balance()
+        assert balance.remaining == pytest.approx(10.0 - 4 * price)
+        assert client.balance(account=True).remaining == pytest.approx(balance.remaining)
 
 
 def test_errors_are_the_async_clients(backend: str) -> None:

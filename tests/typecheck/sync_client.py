@@ -11,7 +11,14 @@ from pathlib import Path
 
 from typing_extensions import assert_type
 
-from apimart_async import Apimart, Outcome, Task, UploadedImage
+from apimart_async import (
+    AccountBalance,
+    Apimart,
+    Outcome,
+    OutcomeIterator,
+    Task,
+    UploadedImage,
+)
 
 
 def users_code(client: Apimart) -> list[Path]:
@@ -25,9 +32,12 @@ def users_code(client: Apimart) -> list[Path]:
     assert_type(done, Task)
     assert_type(client.orphaned_tasks(), list[Task])
     with client.generate_many([{"model": "imagen-4.0-apimart", "prompt": "y"}]) as outcomes:
-        assert_type(outcomes, Iterator[Outcome])
-        for outcome in outcomes:
+        assert_type(outcomes, OutcomeIterator)
+        iterator: Iterator[Outcome] = outcomes  # a plain iterator of Outcomes
+        for outcome in iterator:
             assert_type(outcome, Outcome)
+        assert_type(outcomes.spent, float)
+    assert_type(client.balance(), AccountBalance)
     return client.download(done, "out/")
 
 
