@@ -27,11 +27,13 @@ from ._events import checked_key, emit
 from ._http import HttpCore
 from ._parsing import parse_balance
 from ._pipeline import OutcomeStream, Pipeline
+from ._pushes import PushRouter
 from ._runtime import current_loop, loop_mismatch
 from ._telemetry import Telemetry
 from ._transport import open_transport
 from ._uploads import prepare_image
 from ._version import __version__
+from ._webhook_url import validate_webhook_url
 from .models import BaseImageRequest, parse_request
 from .types import DownloadedEvent, Task, TaskStatus
 
@@ -54,6 +56,7 @@ if TYPE_CHECKING:
     from ._events import EventHandler
     from ._transport import Backend
     from .types import AccountBalance, UploadedImage
+    from .webhooks import WebhookReceiver
 
 __all__ = ["NOT_GIVEN", "AsyncApimart"]
 
@@ -100,6 +103,9 @@ class AsyncApimart:
         transport: an ``httpx.AsyncBaseTransport`` for our own pool (tests: the fake).
         transport_backend: ``"auto"`` (aiohttp on asyncio when the ``fast`` extra is
             installed, else httpx), ``"aiohttp"`` or ``"httpx"``.
+        webhooks: a ``WebhookReceiver`` (``apimart_async.webhooks``): every submit
+            sends its ``webhook_url`` unless the call names its own ``webhook``, and
+            results are taken from its pushes (polls become a rare safety net).
         headers: extra headers for API requests.
     """
 
@@ -120,6 +126,7 @@ class AsyncApimart:
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         transport_backend: Backend = "auto",
+        webhooks: WebhookReceiver | None = None,
         headers: Mapping[str, str] | None = None,
         max_response_bytes: int = _config.MAX_RESPONSE_BYTES,
         max_download_bytes: int = _config.MAX_DOWNLOAD_BYTES,
@@ -163,6 +170,8 @@ class AsyncApimart:
             download_timeout=request_timeout,
             max_download=max_download_bytes,
         )
+        self._webhooks = webhooks
+        self._routers: dict[int, PushRouter] = {}  # by id() of their receiver
         self._closed = False
         self._loop: object = None  # the event loop of the first call
 
@@ -188,6 +197,8 @@ class AsyncApimart:
         self._closed = True
         if self._loop is not None:
             self._check_loop()
+        for router in self._routers.values():
+            router.close()
         with anyio.CancelScope(shield=True):
             await self._res.keeper.aclose()
             await self._res.http.aclose()
@@ -232,6 +243,25 @@ class AsyncApimart:
     def poll_policy(self) -> PollPolicy:
         """The schedule waiting uses."""
         return self._poll_policy
+
+    def _router(self, receiver: WebhookReceiver) -> PushRouter:
+        router = self._routers.get(id(receiver))
+        if router is None or router.receiver is not receiver:
+            router = self._routers[id(receiver)] = PushRouter(receiver)
+        return router
+
+    def _with_webhook(
+        self, request: BaseImageRequest
+    ) -> tuple[BaseImageRequest, PushRouter | None]:
+        """The client's webhook on *request* (unless it names its own); its router."""
+        receiver = self._webhooks
+        if receiver is None:
+            return request, None
+        if request.webhook is None:
+            request = parse_request(request, webhook=receiver.webhook_url)
+        if request.webhook != receiver.webhook_url:
+            return request, None
+        return request, self._router(receiver)
 
     def orphaned_tasks(self) -> list[Task]:
         """Take the tasks whose submit finished after its caller was cancelled.
@@ -300,7 +330,7 @@ class AsyncApimart:
             APIStatusError: the service refused the request.
         """
         self._check_open()
-        req = parse_request(request, allow_unknown=allow_unknown, **params)
+        req, _ = self._with_webhook(parse_request(request, allow_unknown=allow_unknown, **params))
         key = checked_key(idempotency_key)
         job = _jobs.Job(request=req, key=key, timeout=None, on_event=on_event)
         return await _jobs.submit(self._res, job)
@@ -405,13 +435,16 @@ class AsyncApimart:
             SubmissionUncertainError, TaskFailedError, TaskTimeoutError, ApimartError.
         """
         self._check_open()
-        req = parse_request(request, allow_unknown=allow_unknown, **params)
+        req, pushes = self._with_webhook(
+            parse_request(request, allow_unknown=allow_unknown, **params)
+        )
         job = _jobs.Job(
             request=req,
             key=checked_key(idempotency_key),
             timeout=self._deadline(timeout),
             on_event=on_event,
         )
+        job.pushes = pushes
         res = self._res
         _jobs.open_span(res, job, "apimart.generate")
         try:
@@ -473,6 +506,7 @@ class AsyncApimart:
         max_cost: float | None = None,
         max_images: int | None = None,
         prices: Mapping[str, float] | None = None,
+        webhook: str | WebhookReceiver | None = None,
     ) -> AsyncGenerator[OutcomeStream, None]:
         """Run many pipelines at once; yield their ``Outcome``s as they finish.
 
@@ -498,9 +532,19 @@ class AsyncApimart:
         (nothing was sent for them: a rerun with a higher budget continues). The first
         402 (``InsufficientBalanceError``) or 401 on a submit stops submitting the same
         way. The stream reports ``spent``, ``cost_unknown`` and ``stopped``.
+
+        *webhook*: a URL every request sends (unless it names its own), or a
+        ``WebhookReceiver``, whose pushes then end the jobs' waits (rare polls remain
+        as a safety net). Without it, the client's own *webhooks* receiver applies.
         """
         self._check_open()
         budget = Budget(max_cost=max_cost, max_images=max_images, prices=prices)
+        webhook_url: str | None
+        if isinstance(webhook, str):
+            receiver, webhook_url = None, validate_webhook_url(webhook)  # before any request
+        else:
+            receiver = webhook if webhook is not None else self._webhooks
+            webhook_url = receiver.webhook_url if receiver is not None else None
         pipeline = Pipeline(
             self._res,
             concurrency=concurrency,
@@ -513,6 +557,8 @@ class AsyncApimart:
             known_tasks=known_tasks,
             limits=self._limits,
             budget=budget,
+            webhook_url=webhook_url,
+            pushes=self._router(receiver) if receiver is not None else None,
         )
         async with pipeline.run(requests) as outcomes:
             yield outcomes

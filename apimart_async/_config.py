@@ -104,9 +104,14 @@ class PollPolicy:
     when the service gives none), clamped to [*first_min*, *first_max*]. Once the task
     reports progress, the next poll aims just after the completion time that progress
     implies (plus *eta_margin* of the elapsed time); without progress the interval grows
-    by *backoff* per poll with ±*jitter*, up to *max_interval*. Every interval is
-    multiplied by *time_scale*, so a test or benchmark can run the same schedule
-    1,000x faster against a fake whose clock is scaled the same way.
+    by *backoff* per poll with ±*jitter*, up to *max_interval*.
+
+    With webhooks the service pushes the result, and polling is only a safety net for
+    a callback that never comes: the first query is at *push_safety_factor* times the
+    task's ``estimated_time`` (or *push_expected_time*), at least *push_safety_min*,
+    then every *push_safety_interval*. Every interval is multiplied by *time_scale*,
+    so a test or benchmark can run the same schedule 1,000x faster against a fake
+    whose clock is scaled the same way.
     """
 
     first_fraction: float = 0.2
@@ -118,6 +123,10 @@ class PollPolicy:
     min_interval: float = 0.5
     eta_margin: float = 0.04
     jitter: float = 0.1
+    push_safety_factor: float = 3.0
+    push_safety_min: float = 30.0
+    push_safety_interval: float = 120.0
+    push_expected_time: float = 60.0
     time_scale: float = 1.0
 
     def scaled(self, time_scale: float) -> PollPolicy:

@@ -71,6 +71,7 @@ if TYPE_CHECKING:
     from ._config import Limits, PollPolicy, RetryPolicy
     from ._events import EventHandler
     from ._http import HttpCore
+    from ._pushes import PushRouter
     from ._uploads import PreparedImage
     from .models import BaseImageRequest
     from .types import UploadedImage
@@ -194,6 +195,9 @@ class Job:
         "model",
         "on_event",
         "polls",
+        "pushed",
+        "pushes",
+        "queued",
         "requeries",
         "request",
         "schedule",
@@ -202,6 +206,7 @@ class Job:
         "task",
         "timeout",
         "timings",
+        "version",
         "waiting_since",
     )
 
@@ -233,17 +238,24 @@ class Job:
         self.requeries = 0
         self.polls = 0
         self.gate: Gate | None = None  # a batch's say on whether this job may submit
+        self.pushes: PushRouter | None = None  # where its result is pushed, if it is
+        self.pushed: Task | None = None  # a pushed result not yet taken
+        self.queued = False  # generate_many: waiting in the scheduler's heap
+        self.version = 0  # generate_many: which heap entry of this job is current
         self.model = request.model if request is not None else None
         self.span: object = None  # the pipeline span while telemetry has one open
 
     def begin_waiting(self, res: Resources) -> float:
         """Start the poll schedule; return the delay before the first query."""
         self.waiting_since = now()
-        schedule = self.schedule = PollSchedule(res.poll_policy, self.waiting_since, res.rng)
+        pushes = self.pushes is not None
+        schedule = self.schedule = PollSchedule(
+            res.poll_policy, self.waiting_since, res.rng, pushes=pushes
+        )
         task = self.task
         assert task is not None
-        if task.status.is_terminal:
-            return 0.0  # a synchronous result: settled by the first look
+        if task.status.is_terminal or self.pushed is not None:
+            return 0.0  # a synchronous result, or pushed already: settled by the first look
         return schedule.first_delay(task.estimated_time) if self.fresh else 0.0
 
     def timed_out(self) -> TaskTimeoutError:
@@ -538,14 +550,17 @@ async def poll_once(res: Resources, job: Job) -> float | None:
     schedule = job.schedule
     last = job.task
     assert schedule is not None and last is not None
-    job.polls += 1
-    try:
-        with _stage(res, job, "apimart.poll"):
-            current = await query(res, task_path(last.id))
-    except ApimartError as exc:
-        if not is_transient(exc):
-            raise
-        return schedule.next_delay(last, now())
+    if job.pushed is not None:  # the service pushed it: that is the result, no query
+        current, job.pushed = job.pushed, None
+    else:
+        job.polls += 1
+        try:
+            with _stage(res, job, "apimart.poll"):
+                current = await query(res, task_path(last.id))
+        except ApimartError as exc:
+            if not is_transient(exc):
+                raise
+            return schedule.next_delay(last, now())
     job.task = current
     if job.on_event is not None:
         elapsed = now() - job.waiting_since
@@ -560,7 +575,7 @@ async def poll_once(res: Resources, job: Job) -> float | None:
         and job.requeries < RESULT_REQUERIES
     ):
         job.requeries += 1
-        return schedule.next_delay(current, now())
+        return schedule.requery_delay()
     return None
 
 
@@ -596,15 +611,49 @@ async def settle(job: Job) -> Task:
 
 
 async def wait(res: Resources, job: Job) -> Task:
-    """Poll the job's task until it settles, or raise ``TaskTimeoutError`` at its deadline."""
-    with anyio.CancelScope(deadline=job.deadline):
-        delay: float | None = job.begin_waiting(res)
-        while delay is not None:
-            if delay > 0:
-                await anyio.sleep(delay)
-            delay = await poll_once(res, job)
-        return await settle(job)
-    raise job.timed_out()
+    """Poll the job's task until it settles, or raise ``TaskTimeoutError`` at its deadline.
+
+    With a push router, a pushed result ends any wait at once.
+    """
+    wake = None
+    if job.pushes is not None:
+        wake = anyio.Event()
+        listen(job, wake.set)
+    try:
+        with anyio.CancelScope(deadline=job.deadline):
+            delay: float | None = job.begin_waiting(res)
+            while delay is not None:
+                if delay > 0 and job.pushed is None:
+                    if wake is None:
+                        await anyio.sleep(delay)
+                    else:
+                        with anyio.move_on_after(delay):
+                            await wake.wait()
+                delay = await poll_once(res, job)
+            return await settle(job)
+        raise job.timed_out()
+    finally:
+        unlisten(job)
+
+
+def listen(job: Job, notify: Callable[[], None]) -> None:
+    """Take the job's pushed result when it comes (or now, if it came first)."""
+    router, task = job.pushes, job.task
+    assert router is not None and task is not None
+
+    def on_push(pushed: Task) -> None:
+        job.pushed = pushed
+        notify()
+
+    early = router.expect(task.id, on_push)
+    if early is not None:
+        job.pushed = early
+
+
+def unlisten(job: Job) -> None:
+    """The job no longer waits for a push."""
+    if job.pushes is not None and job.task is not None:
+        job.pushes.forget(job.task.id)
 
 
 async def fail(job: Job, error: Exception) -> Task | None:

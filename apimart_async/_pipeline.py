@@ -34,6 +34,7 @@ connections go back to the pool.
 from __future__ import annotations
 
 import contextlib
+import functools
 import heapq
 import itertools
 import logging
@@ -69,6 +70,7 @@ if TYPE_CHECKING:
     from ._budget import Budget
     from ._config import Limits
     from ._jobs import Resources
+    from ._pushes import PushRouter
 
 __all__ = ["OutcomeStream", "Pipeline"]
 
@@ -215,6 +217,8 @@ class Pipeline:
         known_tasks: Callable[[int, Any], str | None] | None,
         limits: Limits,
         budget: Budget,
+        webhook_url: str | None = None,
+        pushes: PushRouter | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -235,7 +239,7 @@ class Pipeline:
         self._starters = 0  # alive
         self._pollers = 0  # alive
         self._active = 0  # jobs pulled and not yet settled
-        self._heap: list[tuple[float, int, Job]] = []
+        self._heap: list[tuple[float, int, Job, int]] = []  # (due, order, job, version)
         self._order = itertools.count()  # heap tie-break: jobs are never compared
         self._wake: anyio.Event | None = None  # set to wake a sleeping scheduler
         self._ready: deque[Job] = deque()  # due now, for the next free poll worker
@@ -249,6 +253,10 @@ class Pipeline:
         self._admitted: dict[Job, tuple[str, int, float | None]] = {}
         self.stop: BaseException | None = None
         self.cost_unknown = 0
+        # Webhooks: the URL every request gets unless it names its own, and the
+        # router of the receiver behind it (then results are pushed, polls rare).
+        self._webhook_url = webhook_url
+        self._pushes = pushes
 
     @asynccontextmanager
     async def run(
@@ -324,12 +332,13 @@ class Pipeline:
                 job.task = Task(id=known, status=TaskStatus.SUBMITTED)
                 job.fresh = False
             else:
-                request = job.request = (
-                    item
-                    if isinstance(item, BaseImageRequest)
-                    else parse_request(item, allow_unknown=self._allow_unknown)
-                )
+                request = job.request = self._request(item)
                 job.model = request.model
+                if (
+                    self._pushes is not None
+                    and request.webhook == self._pushes.receiver.webhook_url
+                ):
+                    job.pushes = self._pushes
             if self._live is not None:
                 _jobs.open_span(self._res, job, "apimart.job")
                 self._live.add(job)
@@ -338,6 +347,8 @@ class Pipeline:
                     raise self._stopped()
                 job.gate = self
                 await _jobs.start(self._res, job)
+                if job.pushes is not None:
+                    _jobs.listen(job, functools.partial(self._pushed, job))
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
             await self._failed(job, exc)
             return
@@ -348,6 +359,16 @@ class Pipeline:
             self._wait(job, delay)
         else:
             await self._poll_due(job)
+
+    def _request(self, item: Any) -> BaseImageRequest:
+        request = (
+            item
+            if isinstance(item, BaseImageRequest)
+            else parse_request(item, allow_unknown=self._allow_unknown)
+        )
+        if self._webhook_url is not None and request.webhook is None:
+            request = parse_request(request, webhook=self._webhook_url)
+        return request
 
     # -- the spending side: budgets, and a 402/401 that stops every submit ---------
 
@@ -418,9 +439,18 @@ class Pipeline:
     def _wait(self, job: Job, delay: float) -> None:
         """Queue *job* for a poll in *delay* seconds (or at its deadline)."""
         due = min(now() + delay, job.deadline)
-        heapq.heappush(self._heap, (due, next(self._order), job))
+        job.queued = True
+        heapq.heappush(self._heap, (due, next(self._order), job, job.version))
         if self._wake is not None and self._heap[0][2] is job:
             self._wake.set()  # the sleeping scheduler aimed later than this
+
+    def _pushed(self, job: Job) -> None:
+        """Its result was pushed: a job waiting in the heap is due now."""
+        if job.queued:  # else a task is busy with it and will see the push
+            job.queued = False
+            job.version += 1  # its heap entry is now stale
+            self._ready.append(job)
+            self._dispatch()
 
     def _dispatch(self) -> None:
         """Wake (or start) a poll worker for each job ready now, up to the limit."""
@@ -441,7 +471,10 @@ class Pipeline:
             current = now()
             if heap and heap[0][0] <= current:
                 while heap and heap[0][0] <= current:
-                    self._ready.append(heapq.heappop(heap)[2])
+                    _, _, job, version = heapq.heappop(heap)
+                    if version == job.version:  # else a push took it out already
+                        job.queued = False
+                        self._ready.append(job)
                 self._dispatch()
             wake = self._wake = anyio.Event()
             with anyio.CancelScope(deadline=heap[0][0] if heap else math.inf):
@@ -466,7 +499,7 @@ class Pipeline:
             delay = await self._poll(job)
             if delay is None:
                 return
-            if delay > 0:
+            if delay > 0 and job.pushed is None:
                 self._wait(job, delay)
                 return
 
@@ -523,6 +556,7 @@ class Pipeline:
         assert self._send is not None
         self._active -= 1
         self._account(job, outcome)
+        _jobs.unlisten(job)
         if self._live is not None:
             self._live.discard(job)
             _jobs.close_span(self._res, job, outcome.error)

@@ -41,18 +41,24 @@ class PollSchedule:
     when waiting began, for a task submitted elsewhere).
     """
 
-    __slots__ = ("_last_delay", "_policy", "_random", "_started")
+    __slots__ = ("_last_delay", "_policy", "_pushes", "_random", "_started")
 
-    def __init__(self, policy: PollPolicy, started: float, rng: random.Random) -> None:
+    def __init__(
+        self, policy: PollPolicy, started: float, rng: random.Random, *, pushes: bool = False
+    ) -> None:
         # *rng* is the client's: a Random per schedule would cost 2.5 KB per waiting task.
         self._policy = policy
         self._started = started
         self._random = rng
         self._last_delay = 0.0
+        self._pushes = pushes  # the result will be pushed: polls are a safety net only
 
     def first_delay(self, estimated_time: float | None) -> float:
         """Delay before the first poll, from the service's estimate if it gave one."""
         p = self._policy
+        if self._pushes:
+            expected = estimated_time or p.push_expected_time
+            return max(p.push_safety_min, expected * p.push_safety_factor) * p.time_scale
         guess = p.first_default if estimated_time is None else estimated_time * p.first_fraction
         delay = min(max(guess, p.first_min), p.first_max) * p.time_scale
         self._last_delay = delay
@@ -62,6 +68,8 @@ class PollSchedule:
         """Delay after seeing *task* at local time *now*."""
         p = self._policy
         scale = p.time_scale
+        if self._pushes:
+            return self._jittered(p.push_safety_interval * scale)
         elapsed = max(now - self._started, 0.0)
         progress = task.progress or 0
         floor = p.min_interval * scale
@@ -90,6 +98,11 @@ class PollSchedule:
         delay = min(max(self._last_delay * p.backoff, floor), cap)
         self._last_delay = delay
         return self._jittered(delay)
+
+    def requery_delay(self) -> float:
+        """A short look again (a task completed without its result URLs yet)."""
+        p = self._policy
+        return p.first_min * p.time_scale
 
     def _jittered(self, delay: float) -> float:
         jitter = self._policy.jitter
