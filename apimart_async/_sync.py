@@ -84,6 +84,7 @@ if TYPE_CHECKING:
     from ._transport import Backend
     from .models import BaseImageRequest
     from .types import AccountBalance, UploadedImage
+    from .webhooks import WebhookReceiver
 
 __all__ = ["Apimart", "OutcomeIterator"]
 
@@ -153,6 +154,7 @@ class Apimart:
         http_client: httpx.AsyncClient | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
         transport_backend: Backend = "auto",
+        webhooks: WebhookReceiver | None = None,
         headers: Mapping[str, str] | None = None,
         max_response_bytes: int = _config.MAX_RESPONSE_BYTES,
         max_download_bytes: int = _config.MAX_DOWNLOAD_BYTES,
@@ -173,6 +175,7 @@ class Apimart:
                 http_client=http_client,
                 transport=transport,
                 transport_backend=transport_backend,
+                webhooks=webhooks,
                 headers=headers,
                 max_response_bytes=max_response_bytes,
                 max_download_bytes=max_download_bytes,
@@ -358,6 +361,7 @@ class Apimart:
         max_cost: float | None = None,
         max_images: int | None = None,
         prices: Mapping[str, float] | None = None,
+        webhook: str | WebhookReceiver | None = None,
     ) -> Generator[OutcomeIterator, None, None]:
         """Run many pipelines at once; iterate their ``Outcome``s as they finish.
 
@@ -367,11 +371,11 @@ class Apimart:
         works; it must not call the client), one ``Outcome`` per item, at most
         *concurrency* jobs at the service at once, and leaving the block early
         (``break``, an exception, Ctrl-C) cancels the work still running and returns
-        once none is left, and the spending caps (*max_cost*, *max_images*, *prices*),
-        reported on the iterator (``spent``, ``cost_unknown``, ``stopped``). The
-        pipelines run while your loop body does; the iterator collects up to 8 finished
-        outcomes ahead of you, so the input may be read that many items further ahead
-        than in the async client.
+        once none is left, the spending caps (*max_cost*, *max_images*, *prices*),
+        reported on the iterator (``spent``, ``cost_unknown``, ``stopped``), and
+        *webhook*. The pipelines run while your loop body does; the iterator collects
+        up to 8 finished outcomes ahead of you, so the input may be read that many
+        items further ahead than in the async client.
         """
         batch = self._client.generate_many(
             _carried_items(requests),
@@ -386,6 +390,7 @@ class Apimart:
             max_cost=max_cost,
             max_images=max_images,
             prices=prices,
+            webhook=webhook,
         )
         with self._runner.batch(batch) as outcomes:
             yield outcomes

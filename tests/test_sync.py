@@ -22,8 +22,9 @@ import pytest
 
 import apimart_async as am
 from apimart_async import Apimart, AsyncApimart, Limits
-from apimart_async.testing import FakeApimart, Fault, Latency
+from apimart_async.testing import FakeApimart, Fault, Latency, Webhooks
 from apimart_async.types import FailedEvent, SubmittedEvent
+from apimart_async.webhooks import WebhookReceiver
 
 from .conftest import FAST_LIMITS, FAST_POLL
 from .images import png
@@ -61,7 +62,8 @@ def make(fake: FakeApimart | httpx.AsyncBaseTransport, **kw: Any) -> Apimart:
     """A blocking client on the fake (or a transport), with the test timings."""
     transport = fake.transport() if isinstance(fake, FakeApimart) else fake
     kw.setdefault("limits", FAST_LIMITS)
-    return Apimart(api_key=KEY, transport=transport, poll=FAST_POLL, **kw)
+    kw.setdefault("poll", FAST_POLL)
+    return Apimart(api_key=KEY, transport=transport, **kw)
 
 
 def jobs(count: int, **extra: Any) -> list[dict[str, Any]]:
@@ -116,6 +118,14 @@ METHODS = [
     "download",
     "generate_many",
 ]
+
+
+def test_every_public_method_has_its_blocking_twin() -> None:
+    """The same public methods and properties as AsyncApimart (close() for aclose())."""
+    public_async = {n for n in dir(AsyncApimart) if not n.startswith("_")} - {"aclose"}
+    public_sync = {n for n in dir(Apimart) if not n.startswith("_")} - {"close"}
+    assert public_sync == public_async
+    assert set(METHODS) <= public_sync
 
 
 @pytest.mark.parametrize("name", ["__init__", *METHODS])
@@ -180,6 +190,39 @@ def test_balance_and_a_batch_budget(backend: str) -> None:
         balance = client.balance()
         assert balance.remaining == pytest.approx(10.0 - 4 * price)
         assert client.balance(account=True).remaining == pytest.approx(balance.remaining)
+
+
+def test_webhook_pushes_end_the_waits(backend: str) -> None:
+    """webhooks= and generate_many(webhook=) reach the async client: pushed results end
+    generate and a batch without a single poll (the safety-net poll is far off)."""
+    fake = FakeApimart(api_key=KEY, latency=Latency.fixed(0.02), webhooks=Webhooks(delay=0.01))
+    receiver = WebhookReceiver(public_url="https://hooks.example.com/apimart")
+    other = WebhookReceiver(public_url="https://hooks.example.com/other")
+    push_poll = am.PollPolicy().scaled(0.01)  # its safety-net poll comes after ~1.8 s
+    with make(fake, poll=push_poll, webhooks=receiver) as client:
+        # The fake's callbacks are sent from the client's own loop: a fake is driven
+        # from one event loop at a time.
+        portal = client._runner._portal  # pyright: ignore[reportPrivateUsage]
+        to_receivers = httpx.ASGITransport(app=_Route(receiver, other))
+        with portal.wrap_async_context_manager(fake.webhook_sender(transport=to_receivers)):
+            assert client.generate(model=GEM, prompt="pushed").status is am.TaskStatus.COMPLETED
+            with client.generate_many(jobs(4), webhook=other) as outcomes:
+                assert [o.ok for o in outcomes] == [True] * 4
+    assert fake.stats.polls == 0
+    hooks = [r.json_body["webhook"] for r in fake.requests if r.endpoint == "submit"]
+    assert hooks == [receiver.webhook_url] + [other.webhook_url] * 4
+
+
+class _Route:
+    """ASGI: each callback to the receiver whose webhook URL it is under."""
+
+    def __init__(self, *receivers: WebhookReceiver) -> None:
+        self.receivers = {httpx.URL(r.webhook_url).path: r for r in receivers}
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        """Hand the request to its receiver."""
+        (receiver,) = [r for p, r in self.receivers.items() if scope["path"].startswith(p)]
+        await receiver(scope, receive, send)
 
 
 def test_errors_are_the_async_clients(backend: str) -> None:
