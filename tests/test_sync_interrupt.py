@@ -177,8 +177,13 @@ def test_ctrl_c_during_a_submit_still_hears_the_task(
         assert client.get_task(second.id).id == second.id
     # close() heard out whatever was still on the wire.
     (first,) = set(fake.tasks) - {second.id}
-    assert first in submitted(events) and warned(caplog, first)
-    assert [t.id for t in client.orphaned_tasks()] == [first]
+    assert first in submitted(events)  # on_event has the task, however it ended
+    # Usually the submit was still on the wire: the keeper heard it out and made it an
+    # orphan, logged. If the answer beat the interrupt (the loop may be that quick),
+    # the call itself had it and told on_event; it was cancelled in its first wait.
+    orphans = [t.id for t in client.orphaned_tasks()]
+    assert orphans in ([first], [])
+    assert warned(caplog, first) == (orphans == [first])
     assert fake.stats.polls_by_task.get(first, 0) == 0  # nothing sent for it afterwards
     assert fake.stats.in_flight == 0
 
