@@ -331,6 +331,8 @@ class AsyncApimart:
         """
         self._check_open()
         req, _ = self._with_webhook(parse_request(request, allow_unknown=allow_unknown, **params))
+        if req.local_images():
+            req.to_body()  # raises: submit() sends URLs only (generate() uploads)
         key = checked_key(idempotency_key)
         job = _jobs.Job(request=req, key=key, timeout=None, on_event=on_event)
         return await _jobs.submit(self._res, job)
@@ -448,7 +450,7 @@ class AsyncApimart:
         res = self._res
         _jobs.open_span(res, job, "apimart.generate")
         try:
-            await _jobs.start(res, job)
+            await _jobs.submit(res, job)
             task = await _jobs.wait(res, job)
         except Exception as exc:
             await _jobs.fail(job, exc)

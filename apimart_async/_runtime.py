@@ -6,9 +6,9 @@ Two things cannot be expressed through it:
 * which loop a client first ran on, so using it on another one (two ``asyncio.run``
   calls with one module-level client) is a clear ``RuntimeError``, not a deep
   "Event loop is closed" or "attached to a different loop" from a pool;
-* starting the client's own long-lived host task (the one that keeps paid submits
-  going when their callers are cancelled) outside any caller's task tree: on asyncio a
-  task of the loop, on trio a system task. Either ends with its loop at the latest.
+* starting a task of the client's own (one that keeps a paid submit going when its
+  caller is cancelled) outside any caller's task tree: on asyncio a task of the loop,
+  on trio a system task. Either ends with its loop at the latest.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["current_loop", "loop_mismatch", "spawn_host"]
+__all__ = ["current_loop", "loop_mismatch", "spawn_detached"]
 
 
 def current_loop() -> object:
@@ -45,11 +45,11 @@ def loop_mismatch(owner: str) -> RuntimeError:
     )
 
 
-def spawn_host(fn: Callable[[], Awaitable[None]]) -> object:
+def spawn_detached(fn: Callable[[], Awaitable[None]]) -> object:
     """Start *fn* as a task of the running loop that no caller's cancellation reaches.
 
-    Returns a handle the caller must keep (asyncio holds tasks only weakly). *fn* must
-    not raise: on trio a failing system task crashes the whole run.
+    Returns a handle the caller must keep until *fn* ends (asyncio holds tasks only
+    weakly). *fn* must not raise: on trio a failing system task crashes the whole run.
     """
     loop = _get_running_loop()
     if loop is not None:

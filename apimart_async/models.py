@@ -549,6 +549,15 @@ class BaseImageRequest(BaseModel, metaclass=_RequestMeta):
         data["image_urls"] = list(urls)
         return _validate(type(self), data, self.model)
 
+    def _with_uploaded(self, urls: Sequence[str]) -> Self:
+        """A copy whose local entries became *urls* (our own uploads' URLs), unchecked.
+
+        The engine's fast path: the count and the model's rules cannot change by
+        replacing a local image with the URL the upload returned (``parse_upload``
+        has already refused anything but a clean http(s) URL).
+        """
+        return self.model_copy(update={"image_urls": tuple(urls)})
+
     @classmethod
     def rules(cls) -> ModelRules:
         """A frozen summary of what this class accepts (model ids, value sets, limits)."""
