@@ -128,7 +128,8 @@ class Apimart:
     log line and ``orphaned_tasks()`` (``close()`` waits for such submits).
 
     Raises:
-        ValueError: a missing API key or an invalid argument (from ``Apimart(...)``).
+        MissingAPIKeyError, ValueError: no API key, or an invalid argument (raised by
+            ``Apimart(...)`` itself, before any thread starts where no loop runs).
         RuntimeError: a call on a closed client, from a callback, or one that was
             running when another thread closed the client.
     """
@@ -201,7 +202,8 @@ class Apimart:
         """Cancel calls still running, close the pool, stop the thread. Safe to call twice.
 
         Returns once the client's thread has ended. A paid submit on the wire is still
-        heard first (for at most ``SUBMIT_SHIELD`` seconds), so its task is not lost.
+        heard first (for at most *submit_shield* seconds), so its task is not lost:
+        collect it with ``orphaned_tasks()``.
         """
         self._runner.close()
         self._finalizer.detach()
@@ -403,7 +405,7 @@ class _Call(Generic[T]):
     the portal is still spawning it (anyio may even run it then). Whether it started
     and whether it should is decided on the loop alone: ``run`` and ``abort`` both run
     there, so an abort either cancels a running call or stops it from ever starting.
-    ``done`` is set once the coroutine has fully unwound (a shielded submit included).
+    ``done`` is set once the coroutine has fully unwound.
     """
 
     __slots__ = ("aborted", "cancelled", "done", "error", "escaped", "func", "result", "scope")
@@ -417,8 +419,8 @@ class _Call(Generic[T]):
         self.aborted = False
         self.cancelled = False
         self.error: Exception | None = None
-        # A SystemExit or KeyboardInterrupt raised by a callback on the loop's thread:
-        # it is the caller's to raise, never the loop's (it would end the loop).
+        # A non-Exception (SystemExit) that user code raised on the loop's thread and no
+        # _Escape carried: the caller's to raise, never the loop's (it would end it).
         self.escaped: BaseException | None = None
 
     async def run(self) -> None:
