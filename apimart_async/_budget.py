@@ -88,46 +88,50 @@ class Budget:
         per_image = self._prices.get(model, self._seen.get(model))
         return None if per_image is None else per_image * n
 
-    async def admit(self, model: str, n: int) -> float | None:
-        """Reserve a submit of *n* images of *model*; return its estimate (None: unknown).
+    def try_admit(self, model: str, n: int) -> tuple[bool, float | None]:
+        """Reserve a submit of *n* images of *model* if nothing needs waiting.
 
-        Waits while another job of an unpriced model is its probe. Raises
+        Returns (True, its estimate, None when unknown), or (False, None) when an
+        unpriced model's probe is still running: ``admit`` waits for it. Raises
         ``BudgetExceededError`` when the submit could exceed a cap.
         """
-        while True:
-            if self._max_images is not None and self.images + n > self._max_images:
+        if self._max_images is not None and self.images + n > self._max_images:
+            raise BudgetExceededError(
+                f"max_images={self._max_images} reached: {self.images} images submitted, "
+                f"this job asks for {n} more; nothing was submitted for it (rerun with "
+                "a higher budget to continue)",
+                spent=float(self.images),
+                reserved=0.0,
+                limit=float(self._max_images),
+            )
+        estimate = self.estimate(model, n)
+        if self._max_cost is not None and model not in self._uncountable:
+            if estimate is None:
+                if model in self._probing:
+                    return False, None
+                self._probing[model] = anyio.Event()  # this job is its model's probe
+            elif self.spent + self.reserved + estimate > self._max_cost + 1e-9:
                 raise BudgetExceededError(
-                    f"max_images={self._max_images} reached: {self.images} images submitted, "
-                    f"this job asks for {n} more; nothing was submitted for it (rerun with "
-                    "a higher budget to continue)",
-                    spent=float(self.images),
-                    reserved=0.0,
-                    limit=float(self._max_images),
+                    f"max_cost={self._max_cost:.2f} USD reached: {self.spent:.2f} spent "
+                    f"and {self.reserved:.2f} reserved by submits under way; this job may "
+                    f"cost {estimate:.2f}, so it was not submitted (rerun with a higher "
+                    "budget to continue)",
+                    spent=self.spent,
+                    reserved=self.reserved,
+                    limit=self._max_cost,
                 )
-            estimate = self.estimate(model, n)
-            if self._max_cost is None or model in self._uncountable:
-                break
-            if estimate is not None:
-                if self.spent + self.reserved + estimate > self._max_cost + 1e-9:
-                    raise BudgetExceededError(
-                        f"max_cost={self._max_cost:.2f} USD reached: {self.spent:.2f} spent "
-                        f"and {self.reserved:.2f} reserved by submits under way; this job may "
-                        f"cost {estimate:.2f}, so it was not submitted (rerun with a higher "
-                        "budget to continue)",
-                        spent=self.spent,
-                        reserved=self.reserved,
-                        limit=self._max_cost,
-                    )
-                break
-            probe = self._probing.get(model)
-            if probe is None:  # this job is the probe for its model
-                self._probing[model] = anyio.Event()
-                break
-            await probe.wait()
         self.images += n
         if estimate is not None:
             self.reserved += estimate
-        return estimate
+        return True, estimate
+
+    async def admit(self, model: str, n: int) -> float | None:
+        """``try_admit``, waiting while another job of an unpriced model is its probe."""
+        while True:
+            admitted, estimate = self.try_admit(model, n)
+            if admitted:
+                return estimate
+            await self._probing[model].wait()
 
     def settle(self, model: str, n: int, estimate: float | None, cost: float | None) -> None:
         """An admitted job's task finished: *cost* as reported (None: not said)."""

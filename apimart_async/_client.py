@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from asyncio import _get_running_loop  # pyright: ignore[reportPrivateUsage]
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -21,6 +20,7 @@ import anyio
 
 from . import _config, _jobs
 from ._budget import Budget
+from ._clock import running_asyncio_loop
 from ._config import Limits, PollPolicy, RetryPolicy
 from ._download import download_images
 from ._events import checked_key, emit
@@ -214,7 +214,7 @@ class AsyncApimart:
         self._check_loop()
 
     def _check_loop(self) -> None:
-        loop = _get_running_loop() or current_loop()
+        loop = running_asyncio_loop() or current_loop()
         if self._loop is None:
             self._loop = loop
         elif loop is not self._loop:
@@ -331,6 +331,8 @@ class AsyncApimart:
         """
         self._check_open()
         req, _ = self._with_webhook(parse_request(request, allow_unknown=allow_unknown, **params))
+        if req.local_images():
+            req.to_body()  # raises: submit() sends URLs only (generate() uploads)
         key = checked_key(idempotency_key)
         job = _jobs.Job(request=req, key=key, timeout=None, on_event=on_event)
         return await _jobs.submit(self._res, job)
@@ -448,7 +450,7 @@ class AsyncApimart:
         res = self._res
         _jobs.open_span(res, job, "apimart.generate")
         try:
-            await _jobs.start(res, job)
+            await _jobs.submit(res, job)
             task = await _jobs.wait(res, job)
         except Exception as exc:
             await _jobs.fail(job, exc)

@@ -6,7 +6,7 @@ A job is one upload → submit → poll → settle pipeline. ``Job`` is everythi
 core, retriers, stage limits, the poll budget, the upload cache, the submit keeper).
 The stages are plain functions over the two:
 
-* ``start``: upload local reference images, take a submit slot, submit (before the
+* ``submit``: upload local reference images, take a submit slot, submit (before the
   job's deadline; the paid request itself runs in the submit keeper, out of reach of
   the caller's cancellation and of the deadline: a live submit is never cut short);
 * ``poll_once``: one task query (budgeted), the delay until the next, or None once the
@@ -15,7 +15,7 @@ The stages are plain functions over the two:
 * ``wait``: poll until settled, under the job's deadline;
 * ``fail``: report a job's failure (the event, the log line) keeping its task.
 
-``AsyncApimart.generate`` and ``wait`` are ``start`` + ``wait``; ``generate_many``
+``AsyncApimart.generate`` is ``submit`` + ``wait``; ``generate_many``
 (``_pipeline``) schedules the same stages across many jobs without a task per job.
 """
 
@@ -87,7 +87,6 @@ __all__ = [
     "poll_once",
     "query",
     "settle",
-    "start",
     "submit",
     "task_path",
     "upload",
@@ -167,6 +166,11 @@ class Resources:
 
 class Gate(Protocol):
     """A batch's say on each submit (``generate_many``: budgets, a 402/401 stop)."""
+
+    def admit_now(self, job: Job) -> bool:
+        """Admit the job at once if nothing needs waiting (True), or raise to refuse it;
+        False: call ``admit`` (which may wait)."""
+        ...
 
     async def admit(self, job: Job) -> None:
         """Before the job takes a submit slot: may wait, or raise to refuse it."""
@@ -316,8 +320,12 @@ async def upload(
 
 
 async def _send_upload(res: Resources, image: PreparedImage) -> UploadedImage:
-    async with res.upload_slots:
+    if not _take(res.upload_slots):
+        await res.upload_slots.acquire()
+    try:
         body = await res.retry_upload(_upload_attempt, res, image)
+    finally:
+        res.upload_slots.release()
     return parse_upload(body, sha256=image.sha256)
 
 
@@ -365,7 +373,7 @@ async def _upload_references(res: Resources, job: Job) -> None:
         if failures:
             raise failures[0]  # the caller sees our error, never an ExceptionGroup
     job.timings["upload"] = now() - t0
-    job.request = request.with_image_urls(entries)
+    job.request = request._with_uploaded(entries)  # pyright: ignore[reportPrivateUsage]
 
 
 async def _upload_reference(res: Resources, job: Job, image: PreparedImage) -> str:
@@ -378,48 +386,37 @@ async def _upload_reference(res: Resources, job: Job, image: PreparedImage) -> s
 # -- submitting --------------------------------------------------------------------------
 
 
-async def start(res: Resources, job: Job) -> Task:
-    """Upload local references, then submit, before the job's deadline.
-
-    A deadline that interrupts the uploads is an ``APITimeoutError`` (an upload may
-    have been sent); the submit is not cut by it once sent: see ``submit``.
-    """
-    request = job.request
-    assert request is not None
-    if request.local_images():
-        with anyio.CancelScope(deadline=job.deadline) as scope, _stage(res, job, "apimart.upload"):
-            await _upload_references(res, job)
-        if scope.cancelled_caught:
-            raise _deadline_passed(res, job, "uploading images", UPLOAD_PATH, sent=True)
-    return await submit(res, job)
-
-
 async def submit(res: Resources, job: Job) -> Task:
-    """Create the job's task.
+    """Upload the request's local images, take a submit slot, create the job's task.
 
-    Waiting for a submit slot is bounded by the job's deadline (nothing is sent: an
-    ``APITimeoutError`` with ``sent=False``). The paid request then runs in the
+    Uploading, the batch's admission (``Gate``) and the wait for a submit slot are
+    bounded by the job's deadline: one passing there is an ``APITimeoutError`` (an
+    upload may have been sent; a submit never was). The paid request then runs in the
     client's submit keeper: cancelling the caller ends this wait at once, while the
     request is heard out (and reported) there; the deadline does not cut it either.
     """
     request = job.request
     assert request is not None
-    body = request.to_body()
+    gate = job.gate
+    uploads = bool(request.local_images())
+    admitted = gate is None
+    if gate is not None and not uploads:
+        admitted = gate.admit_now(job)
+    # The common case needs no cancel scope: nothing to upload, admitted at once, a
+    # free slot. Otherwise the waiting happens under the job's deadline.
+    if uploads or not admitted or not _take(res.submit_slots):
+        await _prepare_submit(res, job, uploads, admitted=admitted)
+    request = job.request
+    assert request is not None
+    try:
+        body = request.to_body()
+        if gate is not None:
+            gate.check(job)  # the last word: submitting may have stopped meanwhile
+    except BaseException:
+        res.submit_slots.release()
+        raise
     # Serialised once: every attempt sends byte-identical JSON under the same key.
     content = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
-    gate = job.gate
-    with anyio.CancelScope(deadline=job.deadline) as scope:
-        if gate is not None:
-            await gate.admit(job)
-        await res.submit_slots.acquire()
-    if scope.cancelled_caught:
-        raise _deadline_passed(res, job, "waiting to submit", SUBMIT_PATH, sent=False)
-    if gate is not None:
-        try:
-            gate.check(job)  # the last word: submitting may have stopped meanwhile
-        except BaseException:
-            res.submit_slots.release()
-            raise
     job.request = None  # hold nothing the wait does not need
     flight = Flight(
         job.key,
@@ -440,6 +437,31 @@ async def submit(res: Resources, job: Job) -> Task:
         with anyio.CancelScope(shield=True):
             await emit(job.on_event, SubmittedEvent(task.id, now() - job.started, job.index))
     return task
+
+
+async def _prepare_submit(res: Resources, job: Job, uploads: bool, *, admitted: bool) -> None:
+    """The slow path of ``submit``: uploads, admission and a slot, under the deadline."""
+    gate = job.gate
+    stage, path, sent = "uploading images", UPLOAD_PATH, True
+    with anyio.CancelScope(deadline=job.deadline) as scope:
+        if uploads:
+            with _stage(res, job, "apimart.upload"):
+                await _upload_references(res, job)
+        stage, path, sent = "waiting to submit", SUBMIT_PATH, False
+        if gate is not None and not admitted:
+            await gate.admit(job)
+        await res.submit_slots.acquire()
+    if scope.cancelled_caught:
+        raise _deadline_passed(res, job, stage, path, sent=sent)
+
+
+def _take(slots: anyio.Semaphore) -> bool:
+    """Take a free slot without waiting (no cancel scope needed then)."""
+    try:
+        slots.acquire_nowait()
+    except anyio.WouldBlock:
+        return False
+    return True
 
 
 def _deadline_passed(
@@ -529,11 +551,12 @@ async def query(res: Resources, path: str) -> Task:
 async def _query_attempt(res: Resources, path: str) -> Task:
     budget = res.poll_budget
     await budget.acquire()
-    try:
-        await res.poll_slots.acquire()
-    except BaseException:  # cancelled before the query was sent: the slot goes back
-        budget.release()
-        raise
+    if not _take(res.poll_slots):
+        try:
+            await res.poll_slots.acquire()
+        except BaseException:  # cancelled before the query was sent: the slot goes back
+            budget.release()
+            raise
     try:
         return parse_task(await res.http.request_json("GET", path))
     finally:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import email.utils
 import json
 import math
+import re
 from datetime import datetime, timedelta, timezone
 from typing import TYPE_CHECKING, Any, cast
 
@@ -40,6 +41,15 @@ __all__ = [
 ]
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_BAD_URL = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def decode_json(content: bytes, status_code: int) -> Any:
@@ -338,6 +348,9 @@ def parse_upload(body: object, *, sha256: str | None = None) -> UploadedImage:
     url = obj.get("url") or obj.get("image_url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise _invalid("upload response carries no http(s) url", body)
+    if _BAD_URL.search(url) or not url.isascii() and not _encodable(url):
+        # It goes into the submit as it is: nothing a request could not carry.
+        raise _invalid("upload response carries a malformed url", body)
     created = _timestamp(obj.get("created_at")) or datetime.now(timezone.utc)
     size = obj.get("bytes")
     return UploadedImage(

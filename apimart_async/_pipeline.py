@@ -346,7 +346,7 @@ class Pipeline:
                 if self.stop is not None:  # nothing of this job is even uploaded
                     raise self._stopped()
                 job.gate = self
-                await _jobs.start(self._res, job)
+                await _jobs.submit(self._res, job)
                 if job.pushes is not None:
                     _jobs.listen(job, functools.partial(self._pushed, job))
         except Exception as exc:  # noqa: BLE001 - every failure is this job's outcome
@@ -371,6 +371,22 @@ class Pipeline:
         return request
 
     # -- the spending side: budgets, and a 402/401 that stops every submit ---------
+
+    def admit_now(self, job: Job) -> bool:
+        """``Gate``: reserve the job's place in the budget if nothing needs waiting."""
+        if self.stop is not None:
+            raise self._stopped()
+        request = job.request
+        assert request is not None
+        images = _images_of(request)
+        try:
+            admitted, estimate = self.budget.try_admit(request.model, images)
+        except BudgetExceededError as exc:
+            self._halt(exc)
+            raise
+        if admitted:
+            self._admitted[job] = (request.model, images, estimate)
+        return admitted
 
     async def admit(self, job: Job) -> None:
         """``Gate``: reserve the job's place in the budget (may wait, or refuse)."""

@@ -27,7 +27,6 @@ import random
 from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import anyio
-import stamina
 
 from ._exceptions import (
     APIConnectionError,
@@ -143,13 +142,16 @@ class Retrier:
         self._random = random.Random()
         self.what = what
         self.telemetry = telemetry
-        _quiet_stamina_for_us()
 
     async def __call__(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kw: P.kwargs) -> T:
         try:
             return await fn(*args, **kw)
         except Exception as exc:
-            if not self._retryable(exc) or not stamina.is_active() or self._policy.attempts < 2:
+            if not self._retryable(exc) or self._policy.attempts < 2:
+                raise
+            import stamina  # imported at the first retry: most processes never need it
+
+            if not stamina.is_active():
                 raise
             attempts = _Attempts(self)
             first_wait = attempts.wait_after(exc)
@@ -161,6 +163,7 @@ class Retrier:
             policy = self._policy
             # Decorated per failing call (rare): stamina then knows it by our function's
             # name, which is how its log filter below tells our retries from others'.
+            _quiet_stamina_for_us()
             retrying = stamina.retry(
                 on=attempts.hook,
                 attempts=policy.attempts - 1,

@@ -6,26 +6,27 @@ Two things cannot be expressed through it:
 * which loop a client first ran on, so using it on another one (two ``asyncio.run``
   calls with one module-level client) is a clear ``RuntimeError``, not a deep
   "Event loop is closed" or "attached to a different loop" from a pool;
-* starting the client's own long-lived host task (the one that keeps paid submits
-  going when their callers are cancelled) outside any caller's task tree: on asyncio a
-  task of the loop, on trio a system task. Either ends with its loop at the latest.
+* starting a task of the client's own (one that keeps a paid submit going when its
+  caller is cancelled) outside any caller's task tree: on asyncio a task of the loop,
+  on trio a system task. Either ends with its loop at the latest.
 """
 
 from __future__ import annotations
 
 import sys
-from asyncio import _get_running_loop  # pyright: ignore[reportPrivateUsage]
 from typing import TYPE_CHECKING, Any
+
+from ._clock import running_asyncio_loop
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
 
-__all__ = ["current_loop", "loop_mismatch", "spawn_host"]
+__all__ = ["current_loop", "loop_mismatch", "spawn_detached"]
 
 
 def current_loop() -> object:
     """An object identifying the running event loop (the asyncio loop, or trio's token)."""
-    loop = _get_running_loop()
+    loop = running_asyncio_loop()
     if loop is not None:
         return loop
     trio: Any = sys.modules.get("trio")
@@ -45,15 +46,15 @@ def loop_mismatch(owner: str) -> RuntimeError:
     )
 
 
-def spawn_host(fn: Callable[[], Awaitable[None]]) -> object:
+def spawn_detached(fn: Callable[[], Awaitable[None]]) -> object:
     """Start *fn* as a task of the running loop that no caller's cancellation reaches.
 
-    Returns a handle the caller must keep (asyncio holds tasks only weakly). *fn* must
-    not raise: on trio a failing system task crashes the whole run.
+    Returns a handle the caller must keep until *fn* ends (asyncio holds tasks only
+    weakly). *fn* must not raise: on trio a failing system task crashes the whole run.
     """
-    loop = _get_running_loop()
+    loop: Any = running_asyncio_loop()
     if loop is not None:
-        return loop.create_task(fn())  # type: ignore[arg-type]
+        return loop.create_task(fn())
     trio: Any = sys.modules["trio"]
     trio.lowlevel.spawn_system_task(fn)
     return fn

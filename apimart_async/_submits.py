@@ -1,9 +1,10 @@
-"""Paid submits run in the client's own task group, where callers' cancellation cannot reach.
+"""Paid submits run as the client's own tasks, where callers' cancellation cannot reach.
 
 Once a submit may be on the wire, the service may be creating (and billing) a task,
 and the only record of its id is the answer on the way back. So the request does not
-run in the caller's task: it runs in a task group the client owns (``SubmitKeeper``),
-and the caller only waits for it. Cancelling the caller, by any means (an anyio or trio
+run in the caller's task: it runs in a task the client owns and tracks
+(``SubmitKeeper``; on asyncio a task of the loop, on trio a system task), and the
+caller only waits for it. Cancelling the caller, by any means (an anyio or trio
 scope, ``asyncio.wait_for``, ``asyncio.timeout``, ``Task.cancel()``, a failing sibling
 in an ``asyncio.TaskGroup``), ends the caller's wait at once; the request goes on:
 
@@ -16,13 +17,14 @@ in an ``asyncio.TaskGroup``), ends the caller's wait at once; the request goes o
   and the idempotency key, and ``AsyncApimart.orphaned_tasks()``; an uncertain outcome
   is a ``FailedEvent`` and a WARNING with the key.
 
-The group lives in a host task started on the client's first submit (``_runtime``),
-and ends when the client closes: closing gives in-flight submits up to ``shield``
-seconds, then reports what it abandoned.
+Closing the client gives in-flight submits up to ``shield`` seconds, then reports
+what it abandoned (a WARNING with each idempotency key). A loop that ends with
+submits in flight (no ``aclose``) cancels them; they report themselves the same way.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
@@ -32,13 +34,11 @@ import anyio
 from ._clock import now
 from ._events import emit
 from ._exceptions import SubmissionUncertainError
-from ._runtime import spawn_host
+from ._runtime import spawn_detached
 from .types import FailedEvent, SubmittedEvent, Task
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
-
-    from anyio.abc import TaskGroup
 
     from ._events import EventHandler
 
@@ -99,46 +99,27 @@ class Flight:
 
 
 class SubmitKeeper:
-    """The client's own task group for paid submits; see the module docstring."""
+    """Runs each paid submit as a task of the client's own; see the module docstring."""
 
-    __slots__ = (
-        "_closed",
-        "_finished",
-        "_flights",
-        "_group",
-        "_host",
-        "_idle",
-        "_orphans",
-        "_ready",
-        "_stop",
-        "shield",
-    )
+    __slots__ = ("_closed", "_flights", "_idle", "_orphans", "shield")
 
     def __init__(self, shield: float) -> None:
         self.shield = shield
-        self._group: TaskGroup | None = None
-        self._host: object = None
-        self._ready: anyio.Event | None = None
-        self._stop: anyio.Event | None = None
-        self._finished: anyio.Event | None = None
         self._idle: anyio.Event | None = None
-        self._flights: set[Flight] = set()
+        self._flights: dict[Flight, object] = {}  # in flight -> its task (kept alive)
         self._orphans: OrderedDict[str, Task] = OrderedDict()
         self._closed = False
 
     async def run(self, flight: Flight, send: Callable[[Flight], Awaitable[Task]]) -> Task:
-        """Run ``send(flight)`` in the keeper's group; wait for its answer here.
+        """Run ``send(flight)`` as the client's task; wait for its answer here.
 
         If the caller is cancelled while waiting, the submit is handed over (see the
         module docstring) and the cancellation propagates at once.
         """
-        try:
-            group = self._group or await self._start()
-        except BaseException:  # never launched: nothing was sent
-            flight.release()
-            raise
-        self._flights.add(flight)
-        group.start_soon(self._fly, flight, send)
+        if self._closed:
+            flight.release()  # never launched: nothing was sent
+            raise RuntimeError("this AsyncApimart client is closed; create a new one")
+        self._flights[flight] = spawn_detached(functools.partial(self._fly, flight, send))
         try:
             await flight.done.wait()
         except BaseException:
@@ -155,36 +136,10 @@ class SubmitKeeper:
         self._orphans.clear()
         return tasks
 
-    # -- the host ---------------------------------------------------------------------
-
-    async def _start(self) -> TaskGroup:
-        if self._closed:
-            raise RuntimeError("this AsyncApimart client is closed; create a new one")
-        if self._ready is None:
-            self._ready = anyio.Event()
-            self._stop = anyio.Event()
-            self._finished = anyio.Event()
-            self._host = spawn_host(self._run_host)
-        await self._ready.wait()
-        assert self._group is not None
-        return self._group
-
-    async def _run_host(self) -> None:
-        assert self._ready is not None and self._stop is not None and self._finished is not None
-        try:
-            async with anyio.create_task_group() as group:
-                self._group = group
-                self._ready.set()
-                await self._stop.wait()
-                group.cancel_scope.cancel()
-        finally:  # closed, or the loop itself is ending
-            self._group = None
-            self._finished.set()
-
     async def aclose(self) -> None:
-        """Give in-flight submits up to ``shield`` seconds, then stop the host."""
+        """Give in-flight submits up to ``shield`` seconds; return once all have ended."""
         self._closed = True
-        if self._stop is None:
+        if not self._flights:
             return
         with anyio.CancelScope(shield=True):
             deadline = now() + self.shield
@@ -193,13 +148,11 @@ class SubmitKeeper:
             if self._flights:
                 self._idle = anyio.Event()
                 await self._idle.wait()
-            self._stop.set()
-            assert self._finished is not None
-            await self._finished.wait()
 
     # -- one submit -------------------------------------------------------------------
 
     async def _fly(self, flight: Flight, send: Callable[[Flight], Awaitable[Task]]) -> None:
+        """The submit's own task: never raises (on trio it is a system task)."""
         try:
             with anyio.CancelScope(deadline=flight.deadline) as scope:
                 flight.scope = scope
@@ -213,30 +166,30 @@ class SubmitKeeper:
                 reason = (
                     f"no answer within {self.shield:g}s after its caller was cancelled"
                     if flight.abandoned
-                    else "the client was closed before the answer came"
+                    else "the client or its event loop closed before the answer came"
                 )
                 flight.error = SubmissionUncertainError(
                     idempotency_key=flight.key, request=flight.body, reason=reason
                 )
+                _log(flight)
             flight.release()
-            self._flights.discard(flight)
             flight.done.set()
-            if not self._flights and self._idle is not None:
-                self._idle.set()
             if flight.abandoned:
                 with anyio.CancelScope(shield=True):
                     await self._report(flight)
+            # Only now: closing the client waits until every report was made.
+            self._flights.pop(flight, None)
+            if not self._flights and self._idle is not None:
+                self._idle.set()
 
     def _abandon(self, flight: Flight) -> None:
         """The caller stopped waiting: bound the submit, and report it when it ends."""
         flight.abandoned = True
         if not flight.done.is_set():
             flight.limit(now() + self.shield)
-        elif self._group is not None:
-            # It ended just as the caller was cancelled: the caller never took it.
-            self._group.start_soon(self._report, flight)
         else:
-            _log(flight)
+            # It ended just as the caller was cancelled: the caller never took it.
+            spawn_detached(functools.partial(self._report, flight))
 
     async def _report(self, flight: Flight) -> None:
         task, error = flight.task, flight.error
@@ -247,7 +200,8 @@ class SubmitKeeper:
                 logger.warning(
                     "orphaned task %s dropped: more than %d uncollected", dropped, MAX_ORPHANS
                 )
-        _log(flight)
+        if task is not None:
+            _log(flight)
         if flight.on_event is None or (
             task is None and not isinstance(error, SubmissionUncertainError)
         ):
@@ -266,7 +220,7 @@ class SubmitKeeper:
 
 def _log(flight: Flight) -> None:
     task, error = flight.task, flight.error
-    if task is not None:
+    if task is not None and flight.abandoned:
         logger.warning(
             "submit finished after its caller was cancelled: task %s was created "
             "(idempotency key %s); collect it with client.orphaned_tasks() or "
@@ -278,7 +232,7 @@ def _log(flight: Flight) -> None:
         )
     elif isinstance(error, SubmissionUncertainError):
         logger.warning(
-            "submit whose caller was cancelled ended uncertain (%s): a task may exist; "
+            "submit cut short, its outcome is unknown (%s): a task may exist; "
             "resubmit only with idempotency key %s",
             error.reason,
             flight.key,

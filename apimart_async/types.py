@@ -88,7 +88,8 @@ _ALIASES = {
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="ignore")
+    # Built on first use, not at import (see models.py).
+    model_config = ConfigDict(frozen=True, extra="ignore", defer_build=True)
 
 
 class AccountBalance(_Frozen):
