@@ -162,7 +162,7 @@ class _Source:
             aiter(items) if isinstance(items, AsyncIterable) else iter(items)
         )
         self._lock = anyio.Lock(fast_acquire=True)
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
         self.exhausted = False
         self.pulled = 0
 
@@ -184,7 +184,11 @@ class _Source:
         except (StopIteration, StopAsyncIteration):
             self.exhausted = True
             return None
-        except Exception as exc:  # noqa: BLE001 - raised plainly after the jobs end
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            # SystemExit or KeyboardInterrupt too: raised in the caller's task, not
+            # from deep in the pipeline's task group.
             self.error = exc
             self.exhausted = True
             return None
@@ -268,13 +272,20 @@ class Pipeline:
         # freed only when the caller takes an outcome, so settling never waits on it.
         send, receive = anyio.create_memory_object_stream[Outcome](math.inf)
         slots = anyio.Semaphore(self._concurrency, fast_acquire=True)
+        # What the caller's block raised is re-raised as it is, after the group has
+        # ended, not wrapped in an ExceptionGroup by it (cancellation included).
+        body_error: BaseException | None = None
         try:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._drive, source, send, slots)
                 try:
                     yield OutcomeStream(receive, slots, self)
+                except BaseException as exc:  # noqa: BLE001 - re-raised below
+                    body_error = exc
                 finally:
                     tg.cancel_scope.cancel()
+            if body_error is not None:
+                raise body_error
         finally:
             receive.close()
             if self._live:  # cancelled with jobs under way

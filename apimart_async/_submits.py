@@ -86,7 +86,7 @@ class Flight:
         self.release = release  # frees the submit slot the caller took
         self.done = anyio.Event()
         self.task: Task | None = None
-        self.error: Exception | None = None
+        self.error: BaseException | None = None
         self.abandoned = False
         self.deadline = float("inf")
         self.scope: anyio.CancelScope | None = None
@@ -158,7 +158,11 @@ class SubmitKeeper:
                 flight.scope = scope
                 try:
                     flight.task = await send(flight)
-                except Exception as exc:  # noqa: BLE001 - handed to the caller
+                except BaseException as exc:
+                    if isinstance(exc, anyio.get_cancelled_exc_class()):
+                        raise
+                    # Handed to the caller, SystemExit from a callback too: on trio an
+                    # exception escaping this task would end the whole run.
                     flight.error = exc
         finally:
             if flight.task is None and flight.error is None:

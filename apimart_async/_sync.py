@@ -38,7 +38,6 @@ What can go wrong, and what happens:
 
 from __future__ import annotations
 
-import asyncio
 import enum
 import inspect
 import logging
@@ -55,6 +54,7 @@ from anyio.from_thread import start_blocking_portal
 
 from . import _config
 from ._client import NOT_GIVEN, AsyncApimart, _Unset
+from ._clock import running_asyncio_loop
 from ._exceptions import ApimartError
 from .types import Outcome, Task
 
@@ -911,10 +911,7 @@ def _sole(exc: BaseException) -> BaseException:
 
 def _asyncio_loop() -> object | None:
     # Runs on the portal's thread: its asyncio loop, or None (trio).
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+    return running_asyncio_loop()
 
 
 def _workers_of(loop: object | None) -> list[threading.Thread]:
