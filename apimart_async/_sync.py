@@ -46,7 +46,7 @@ import sys
 import threading
 import weakref
 from concurrent.futures import CancelledError, Future
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from typing import TYPE_CHECKING, Any, ClassVar, Generic, TypeVar, cast
 
 import anyio
@@ -70,8 +70,9 @@ if TYPE_CHECKING:
         Mapping,
         Sequence,
     )
-    from contextlib import AbstractAsyncContextManager, AbstractContextManager
+    from contextlib import AbstractAsyncContextManager
     from pathlib import Path
+    from types import TracebackType
     from typing import IO
 
     import httpx
@@ -352,7 +353,6 @@ class Apimart:
             lambda: client.download(task, dest, names=names, overwrite=overwrite, on_event=handler)
         )
 
-    @contextmanager
     def generate_many(
         self,
         requests: Iterable[Any],
@@ -369,7 +369,7 @@ class Apimart:
         max_images: int | None = None,
         prices: Mapping[str, float] | None = None,
         webhook: str | WebhookReceiver | None = None,
-    ) -> Generator[OutcomeIterator, None, None]:
+    ) -> AbstractContextManager[OutcomeIterator]:
         """Run many pipelines at once; iterate their ``Outcome``s as they finish.
 
         ``with client.generate_many(requests) as outcomes: for o in outcomes: ...``,
@@ -399,8 +399,35 @@ class Apimart:
             prices=prices,
             webhook=webhook,
         )
-        with self._runner.batch(batch) as outcomes:
-            yield outcomes
+        return _BatchRun(self._runner.batch(batch))
+
+
+class _BatchRun(AbstractContextManager["OutcomeIterator"]):
+    """What ``Apimart.generate_many`` returns: a run, entered with ``with``."""
+
+    __slots__ = ("_run",)
+
+    def __init__(self, run: AbstractContextManager[OutcomeIterator]) -> None:
+        self._run = run
+
+    def __enter__(self) -> OutcomeIterator:
+        return self._run.__enter__()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return self._run.__exit__(exc_type, exc, tb)
+
+    if not TYPE_CHECKING:
+
+        def __iter__(self):
+            raise TypeError(
+                "generate_many() starts a run: use `with client.generate_many(...) as "
+                "outcomes:`, then `for outcome in outcomes:`"
+            )
 
 
 class _Call(Generic[T]):
