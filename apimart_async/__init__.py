@@ -6,6 +6,8 @@
 ...         task = await client.generate(model="gemini-3-pro-image-preview", prompt="a fox")
 ...         await client.download(task, "out/")
 
+From synchronous code, ``Apimart`` has the same methods, blocking.
+
 Public submodules: ``apimart_async.models`` (per-model request models),
 ``apimart_async.types`` (results and events), ``apimart_async.testing`` (FakeApimart).
 """
@@ -44,6 +46,7 @@ from ._exceptions import (
     UnknownModelError,
 )
 from ._pipeline import OutcomeStream
+from ._sync import Apimart, OutcomeIterator
 from ._version import __version__
 from .types import AccountBalance, Event, Outcome, Task, TaskStatus, UploadedImage
 
@@ -55,6 +58,7 @@ __all__ = [
     "APIStatusError",
     "APITimeoutError",
     "AccountBalance",
+    "Apimart",
     "ApimartError",
     "AsyncApimart",
     "AuthenticationError",
@@ -70,6 +74,7 @@ __all__ = [
     "MissingAPIKeyError",
     "NotFoundError",
     "Outcome",
+    "OutcomeIterator",
     "OutcomeStream",
     "PayloadTooLargeError",
     "PermissionDeniedError",

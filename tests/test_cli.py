@@ -16,7 +16,7 @@ from apimart_async.cli import main
 from apimart_async.cli._app import run
 from apimart_async.cli._setup import Runtime
 from apimart_async.models import MODELS
-from apimart_async.testing import FakeApimart, Latency
+from apimart_async.testing import FakeApimart, Latency, ManualClock
 
 from .images import png
 
@@ -153,12 +153,14 @@ def _submit(fake: FakeApimart) -> str:
 
 def test_task_shows_waits_and_downloads(tmp_path: Path) -> None:
     """task shows the status; --wait waits for the end; --download saves the images."""
-    fake = FakeApimart(latency=Latency.fixed(2.0, time_scale=0.01))
+    clock = ManualClock()  # the task runs until the test moves the clock: no race
+    fake = FakeApimart(latency=Latency.fixed(2.0, time_scale=0.01), clock=clock)
     task_id = _submit(fake)
     ran = cli("task", task_id, fake=fake)
     assert ran.code == 0 and f"id:      {task_id}" in ran.out
     ran = cli("task", task_id, "--download", str(tmp_path), fake=fake)
     assert ran.code == 1 and "add --wait" in ran.err
+    clock.advance(1.0)
     ran = cli("task", task_id, "--wait", "--download", str(tmp_path), fake=fake)
     assert ran.code == 0, ran.err
     assert "status:  completed" in ran.out

@@ -351,8 +351,9 @@ def test_ids_default_to_a_content_hash(tmp_path: Path) -> None:
 
 
 def test_journal_records_every_step_before_the_next(tmp_path: Path) -> None:
-    """History per job: new, submitting (with the exact body sent), submitted, completed,
-    done; the submitting step is written before the submit reaches the service."""
+    """History per job: submitting (with the exact body sent), submitted, completed,
+    done; the submitting step is written before the submit reaches the service (a job
+    gets its row only then: a job without one was never sent)."""
     fake = FakeApimart()
     seen_at_submit: list[str] = []
     out = tmp_path / "out"
@@ -367,13 +368,11 @@ def test_journal_records_every_step_before_the_next(tmp_path: Path) -> None:
     db = sqlite3.connect(out / "journal.sqlite3")
     history = db.execute("SELECT state, detail FROM history ORDER BY seq").fetchall()
     db.close()
-    assert [state for state, _ in history] == [
-        "pending", "submitting", "submitted", "completed", "done",
-    ]  # fmt: skip
+    assert [state for state, _ in history] == ["submitting", "submitted", "completed", "done"]
     sent = next(r.json_body for r in fake.requests if r.endpoint == "submit")
     assert json.loads(seen_at_submit[0]) == sent
     row = journal(out)["j0"]
-    assert row["attempts"] == 1 and row["idempotency_key"].startswith("apimart-cli-")
+    assert row["attempts"] == 1 and row["idempotency_key"].startswith("apimart-")
 
 
 @posix_signals

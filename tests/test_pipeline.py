@@ -304,3 +304,57 @@ def _latency_fixed(seconds: float) -> Any:
     from apimart_async.testing import Latency
 
     return Latency.fixed(seconds)
+
+
+async def test_an_error_in_the_callers_block_is_raised_as_it_is(client: AsyncApimart) -> None:
+    """Not wrapped in an ExceptionGroup by the pipeline's task group."""
+    with pytest.raises(LookupError) as info:
+        async with client.generate_many(requests(3)) as stream:
+            async for _ in stream:
+                raise LookupError("the caller's own")
+    assert type(info.value) is LookupError
+
+
+async def test_system_exit_from_the_input_is_raised_plainly(client: AsyncApimart) -> None:
+    def items() -> Any:
+        yield {"model": GEM, "prompt": "one"}
+        raise SystemExit(3)
+
+    with pytest.raises(SystemExit) as info:
+        async with client.generate_many(items()) as stream:
+            async for _ in stream:
+                pass
+    assert type(info.value) is SystemExit and info.value.code == 3
+    assert (await client.generate(model=GEM, prompt="still works")).status.is_terminal
+
+
+async def test_system_exit_from_an_event_handler_during_a_submit(client: AsyncApimart) -> None:
+    """The handler runs in the client's submit task; its SystemExit reaches the caller
+    and the event loop goes on."""
+
+    def handler(event: am.Event) -> None:
+        if event.kind == "submitting":
+            raise SystemExit(4)
+
+    with pytest.raises(SystemExit):
+        await client.generate(model=GEM, prompt="x", on_event=handler)
+    assert (await client.generate(model=GEM, prompt="still works")).status.is_terminal
+
+
+async def test_a_handler_failing_on_failed_events_loses_no_outcome(client_for: ClientFor) -> None:
+    """A broken progress callback: every job still gets its outcome, with its task."""
+    from apimart_async.testing import Faults
+
+    events: list[str] = []
+
+    def handler(event: am.Event) -> None:
+        events.append(event.kind)
+        if event.kind == "failed":
+            raise RuntimeError("bug in my progress bar")
+
+    fake = FakeApimart(api_key="test-key", faults=Faults(task_failure=1.0))
+    async with client_for(fake) as failing:
+        outcomes = await collect(failing, requests(10), on_event=handler)
+    assert len(outcomes) == 10
+    assert all(isinstance(o.error, am.TaskFailedError) and o.task for o in outcomes)
+    assert events.count("failed") == 10

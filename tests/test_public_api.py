@@ -40,7 +40,7 @@ def test_all_lists_exactly_the_public_names(name: str) -> None:
 
 
 def test_root_exports_the_error_tree_and_client() -> None:
-    """The client, config objects and every error class import from the root."""
+    """The clients, config objects and every error class import from the root."""
     import apimart_async as am
 
     assert issubclass(am.APITimeoutError, am.APIConnectionError)
@@ -52,18 +52,24 @@ def test_root_exports_the_error_tree_and_client() -> None:
     assert issubclass(am.InvalidImageError, ValueError)
     assert not issubclass(am.InvalidRequestError, am.ApimartError)
     assert am.AsyncApimart.__module__ == "apimart_async"
+    assert am.Apimart.__module__ == "apimart_async"
+    assert "Apimart" in am.__all__ and "AsyncApimart" in am.__all__
     assert isinstance(am.__version__, str)
 
 
 def test_import_has_no_side_effects(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Importing creates no client and reads no environment."""
+    """Importing creates no client, starts no thread and reads no environment."""
     import sys
+    import threading
 
     monkeypatch.setenv("APIMART_API_KEY", "should-not-be-read-at-import")
     for mod in [m for m in sys.modules if m.startswith("apimart_async")]:
         monkeypatch.delitem(sys.modules, mod)
+    threads = set(threading.enumerate())
     module = importlib.import_module("apimart_async")
-    assert not any(type(v).__name__ == "AsyncApimart" for v in vars(module).values())
+    clients = {"AsyncApimart", "Apimart"}
+    assert not any(type(v).__name__ in clients for v in vars(module).values())
+    assert set(threading.enumerate()) == threads
 
 
 def test_the_cli_uses_only_the_public_api() -> None:

@@ -1,4 +1,5 @@
-"""The ``apimart`` command: generate, batch (resumable), upload, task, models, demo.
+"""The ``apimart`` command: generate, batch (resumable, shardable), merge, upload, task,
+models, demo.
 
 Install with the ``cli`` extra (``pip install 'apimart-async[cli]'``) and run
 ``apimart --help``, or ``python -m apimart_async.cli``. It uses only the public API of

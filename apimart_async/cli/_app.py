@@ -1,18 +1,26 @@
 """Dispatch: parse the command line, run the command, turn failures into exit statuses.
 
 Exit statuses: 0 success; 1 a job, task or request failed; 2 usage or configuration
-error (argparse's own errors too); 128+N stopped by signal N (130 for Ctrl-C).
+error (argparse's own errors too); 3 a batch folder's journal belongs to another
+service or is damaged (nothing sent); 4 a batch's journal write failed mid-run; 128+N
+stopped by signal N (130 for Ctrl-C).
+
+stdout and stderr are wrapped (``_streams.Guarded``): once a reader goes away (``| head``)
+output goes quiet and the command carries on to the status its work earned.
 """
 
 from __future__ import annotations
 
 import logging
 import signal
-from typing import TYPE_CHECKING
+import sys
+from typing import TYPE_CHECKING, cast
 
 from ._args import build_parser
+from ._selfcheck import EXIT_REFUSED, JournalRefused
 from ._setup import Runtime, UsageError
 from ._signals import exit_status
+from ._streams import guard
 from ._ui import Ui, require_rich
 
 if TYPE_CHECKING:
@@ -33,6 +41,10 @@ def _command(name: str) -> Callable[[argparse.Namespace, Runtime, Ui], int]:
         from ._demo import cmd_demo
 
         return cmd_demo
+    if name == "merge":
+        from ._merge import cmd_merge
+
+        return cmd_merge
     from . import _commands
 
     commands: dict[str, Callable[[argparse.Namespace, Runtime, Ui], int]] = {
@@ -57,7 +69,11 @@ def run(
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version, or a usage error (already printed)
         return exc.code if isinstance(exc.code, int) else 2
-    ui = Ui(stdout=stdout, stderr=stderr, progress=getattr(args, "progress", "auto"))
+    ui = Ui(
+        stdout=cast("TextIO", guard(stdout, default=sys.stdout)),
+        stderr=cast("TextIO", guard(stderr, default=sys.stderr)),
+        progress=getattr(args, "progress", "auto"),
+    )
     # Retries are expected (and safe); stamina announces each one as a warning, which
     # would print through logging's last-resort handler in the middle of the display.
     logging.getLogger("stamina").setLevel(logging.ERROR)
@@ -70,6 +86,9 @@ def run(
     except UsageError as exc:
         ui.error(str(exc))
         return 2
+    except JournalRefused as exc:
+        ui.error(str(exc))
+        return EXIT_REFUSED
     except KeyboardInterrupt:
         ui.info("interrupted")
         return exit_status(signal.SIGINT)

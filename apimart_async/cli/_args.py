@@ -14,9 +14,27 @@ Try it without a key: apimart demo"""
 BATCH_EPILOG = """\
 Each line of JOBS is a JSON object: {"id": "cat-1", "model": "gemini-3-pro-image-preview",
 "prompt": "...", "image_urls": ["ref.png", "https://..."], "size": "16:9"}. Local image
-paths are relative to the file; "id" is optional. Every line is checked before anything
-is submitted. Rerun the same command to resume: finished jobs are skipped, submitted
-tasks are waited for by id (never resubmitted), missing files are downloaded again."""
+paths are relative to the file; "id" is optional. The file is streamed: each line is
+checked as it is read and a bad one is skipped (--strict checks every line first and
+submits nothing if any is bad). Rerun the same command to resume: finished jobs are
+skipped, submitted tasks are waited for by id (never resubmitted), missing files are
+downloaded again.
+
+Each job's idempotency key is derived from the batch id, its id and its request, so a
+rerun without the journal (another machine, a replaced pod) sends the same key again.
+The journal is bound to the service and account it was made with; a folder holding a
+--fake trial run is refused for a real run (exit status 3), and so is a missing or
+damaged journal where results exist (see --rebuild-journal).
+
+Exit status: 0 all done; 1 some job not done; 2 usage error; 3 the folder's journal
+belongs to another service or is damaged (nothing sent); 4 a journal write failed (task
+ids saved to recovered-task-ids.txt); 128+N stopped by signal N."""
+
+MERGE_EPILOG = """\
+Reads DIR/shard-K-of-N/results.jsonl for every K, writes DIR/results.jsonl (one record
+per job id; "files" relative to DIR) and prints a summary on stderr and, on stdout, the
+id of every job that no shard finished (an invalid line without an id as "line N").
+Exit status 0 when every job of the batch file is done, 1 while any is missing."""
 
 
 def _positive_int(text: str) -> int:
@@ -31,6 +49,26 @@ def _positive_float(text: str) -> float:
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0 (got {text})")
     return value
+
+
+def _shard_spec(text: str) -> str:
+    # Checked here so that a bad spec is an argparse error naming --shard (exit 2).
+    from ._shard import parse_shard
+
+    try:
+        parse_shard(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc).removeprefix("--shard ")) from None
+    return text
+
+
+def _batch_id(text: str) -> str:
+    from ._keys import check_batch_id
+
+    try:
+        return check_batch_id(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _parents() -> dict[str, argparse.ArgumentParser]:
@@ -139,10 +177,17 @@ def build_parser() -> argparse.ArgumentParser:
     batch.add_argument("jobs", metavar="JOBS.jsonl", help="the batch file")
     batch.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder")
     batch.add_argument(
-        "--concurrency", "-c", type=_positive_int, default=32, help="jobs at once (32)"
+        "--concurrency",
+        "-c",
+        type=_positive_int,
+        default=32,
+        help="jobs at once (32); with --shard, the total over all shards",
     )
     batch.add_argument(
-        "--poll-rps", type=_positive_float, metavar="R", help="task queries per second (50)"
+        "--poll-rps",
+        type=_positive_float,
+        metavar="R",
+        help="task queries per second (50); with --shard, the total over all shards",
     )
     batch.add_argument(
         "--timeout", type=_positive_float, metavar="SECONDS", help="deadline per job (900)"
@@ -159,6 +204,50 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unknown-models",
         action="store_true",
         help="send model ids without local rules, unvalidated",
+    )
+    sharding = batch.add_argument_group("sharding and keys")
+    sharding.add_argument(
+        "--shard",
+        type=_shard_spec,
+        metavar="K/N",
+        help="run only shard K of N (K from 0) in DIR/shard-K-of-N; 'auto' reads "
+        "JOB_COMPLETION_INDEX/JOB_COMPLETIONS or SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT",
+    )
+    sharding.add_argument(
+        "--batch-id",
+        type=_batch_id,
+        metavar="ID",
+        help="part of every job's idempotency key (default: 16 hex digits of the SHA-256 "
+        "of JOBS, so any edit to the file changes every key; give the same ID to keep the "
+        "keys of unchanged lines across edits)",
+    )
+    journal = batch.add_argument_group("journal recovery")
+    journal.add_argument(
+        "--rebuild-journal",
+        action="store_true",
+        help="rebuild a missing, empty, damaged or partly dropped journal from "
+        "results.jsonl, the images and any recovery file before anything is sent",
+    )
+    journal.add_argument(
+        "--same-account",
+        action="store_true",
+        help="accept a journal made with another API key or origin of the same account",
+    )
+
+    merge = commands.add_parser(
+        "merge",
+        parents=[progress],
+        help="combine the results of a sharded batch",
+        description="Combine the shards of `apimart batch --shard K/N` in DIR.",
+        epilog=MERGE_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    merge.add_argument("dir", metavar="DIR", help="the --out folder of the shards")
+    merge.add_argument(
+        "--jobs",
+        metavar="JOBS.jsonl",
+        help="the batch file, to list jobs no shard reported (default: the one the "
+        "shards recorded)",
     )
 
     upload = commands.add_parser(

@@ -1,24 +1,42 @@
-"""The resumable journal of a batch: ``DIR/journal.sqlite3`` (stdlib sqlite3, WAL).
+"""The resumable journal of a batch: ``DIR/journal.sqlite3`` (stdlib sqlite3).
 
 One row per job in ``jobs`` (its current state) and one row per state change in
-``history`` (append-only, so no task id is ever forgotten, even after a retry). Every
-change is one transaction, committed before the batch takes its next step; with WAL and
-``synchronous=NORMAL`` a committed change survives ``kill -9`` (only a power cut may lose
-the last ones). A job's states::
+``history`` (append-only, written by triggers on ``jobs``, so no task id is ever
+forgotten, even after a retry). A job
+gets its row when its first submit is about to be sent; a job without a row was never
+sent. A job's states::
 
-    pending ──> submitting ──> submitted ──> completed ──> done
-                    │              │             └──> expired
-                    │              └──> failed (task failed or cancelled)
-                    └──> uncertain (the submit may or may not have created a task)
-                    └──> failed (the service refused the submit)
+    submitting ──> submitted ──> completed ──> done
+        │              │             └──> expired
+        │              └──> failed (task failed or cancelled)
+        └──> uncertain (the submit may or may not have created a task)
+        └──> failed (the service refused the submit)
+    failed ──> pending (retried under a new key; its history stays)
 
 ``submitting`` is written just before the submit request goes on the wire (with the
 exact body), so a job found in it after a crash had its submit in flight: it is
-treated as ``uncertain``. A lock file next to the journal keeps two runs out of one
-folder; the kernel releases it when a process dies, however it dies.
+treated as ``uncertain``.
 
-What can go wrong: a journal written by a newer schema is refused rather than
-misread; a folder already in use raises ``JournalBusyError``.
+Writes and durability: every write joins one open transaction, and ``commit()`` makes
+everything so far durable at once. The batch commits at the two points that money
+depends on, *before* they matter: a ``submitting`` row before its submit is sent, and
+a task id as soon as the service answers; the other writes (completed, done, failed,
+notes) ride along with the next commit or a periodic one, since losing them to a
+crash costs only a repeated query or download, never a payment. With WAL and
+``synchronous=NORMAL`` a commit survives ``kill -9`` (only a power cut may lose the
+last ones). Sharded journals (``shared=True``) use a rollback journal, which works on a
+network filesystem where WAL's shared memory does not.
+
+The journal is bound to the service it was made with (``meta``: the API origin,
+whether it is the embedded fake, and an account fingerprint: a salted hash of the API
+key, never the key), checked by ``_selfcheck`` before anything is sent. A lock file
+next to the journal keeps two runs out of one folder; the kernel releases it when a
+process dies, however it dies.
+
+What can go wrong: a journal written by a newer schema, or a file that is not a
+journal, raises ``JournalError``; a folder already in use raises ``JournalBusyError``;
+once a write or commit fails (disk full, read-only filesystem), the journal is
+``broken`` and every later write raises ``JournalWriteError`` at once.
 """
 
 from __future__ import annotations
@@ -28,12 +46,14 @@ import json
 import os
 import sqlite3
 import uuid
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import IO, TYPE_CHECKING, Any, Literal
 
+from ._jobfile import IdRegistry
+
 if TYPE_CHECKING:
-    from collections.abc import Sequence
+    from collections.abc import Callable, Iterator, Sequence
     from pathlib import Path
 
     from typing_extensions import Self
@@ -44,15 +64,15 @@ __all__ = [
     "Journal",
     "JournalBusyError",
     "JournalError",
+    "JournalWriteError",
     "State",
-    "new_key",
     "read_meta",
     "remove",
 ]
 
 JOURNAL_NAME = "journal.sqlite3"
 LOCK_NAME = ".journal.lock"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 State = Literal[
     "pending", "submitting", "submitted", "completed", "done", "failed", "uncertain", "expired"
@@ -76,7 +96,9 @@ CREATE TABLE IF NOT EXISTS jobs (
     files TEXT,
     error TEXT,
     attempts INTEGER NOT NULL DEFAULT 0,
-    updated_at TEXT NOT NULL
+    updated_at TEXT NOT NULL,
+    generation INTEGER NOT NULL DEFAULT 0,
+    note TEXT
 );
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -84,36 +106,46 @@ CREATE TABLE IF NOT EXISTS history (
     at TEXT NOT NULL,
     state TEXT NOT NULL,
     task_id TEXT,
-    detail TEXT
+    detail TEXT,
+    key TEXT
 );
 """
-_COLUMNS = (
-    "line",
-    "fingerprint",
-    "idempotency_key",
-    "state",
-    "task_id",
-    "request_body",
-    "image_urls",
-    "expires_at",
-    "files",
-    "error",
-    "attempts",
-    "updated_at",
-)
+_MIGRATE_1_TO_2 = """
+ALTER TABLE jobs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE jobs ADD COLUMN note TEXT;
+ALTER TABLE history ADD COLUMN key TEXT;
+"""
+# Every change of a job's state is logged by sqlite itself: one statement per change
+# from Python instead of two (each call into sqlite costs a GIL hand-off while the
+# download threads are busy). *note* says why (an error, "retry", "recovered").
+_TRIGGERS = """
+CREATE TRIGGER IF NOT EXISTS jobs_logged_insert AFTER INSERT ON jobs BEGIN
+    INSERT INTO history (job_id, at, state, task_id, detail, key) VALUES (
+        NEW.id, NEW.updated_at, NEW.state, NEW.task_id, NEW.note,
+        CASE WHEN NEW.state = 'submitting' THEN NEW.idempotency_key END);
+END;
+CREATE TRIGGER IF NOT EXISTS jobs_logged_update AFTER UPDATE OF updated_at ON jobs BEGIN
+    INSERT INTO history (job_id, at, state, task_id, detail, key) VALUES (
+        NEW.id, NEW.updated_at, NEW.state, NEW.task_id, NEW.note,
+        CASE WHEN NEW.state = 'submitting' THEN NEW.idempotency_key END);
+END;
+"""
+_RUN_TABLES = """
+DROP TABLE IF EXISTS temp.invalid;
+CREATE TEMP TABLE invalid (line INTEGER PRIMARY KEY, id TEXT, error TEXT NOT NULL);
+"""
 
 
 class JournalError(Exception):
-    """The journal cannot be used (unreadable, or from a newer version)."""
+    """The journal cannot be used (unreadable, damaged, or from a newer version)."""
 
 
 class JournalBusyError(JournalError):
     """Another run holds the journal of this folder."""
 
 
-def new_key() -> str:
-    """A fresh idempotency key for one logical submit (1-191 visible ASCII)."""
-    return f"apimart-cli-{uuid.uuid4().hex}"
+class JournalWriteError(JournalError):
+    """A journal write failed (disk full, read-only); nothing more can be recorded."""
 
 
 def _now() -> str:
@@ -140,22 +172,8 @@ class JobRecord:
     attempts: int = 0
     """Submits started for this job (across retries of failed jobs)."""
     updated_at: str = ""
-
-    def _row(self) -> tuple[Any, ...]:
-        return (
-            self.line,
-            self.fingerprint,
-            self.idempotency_key,
-            self.state,
-            self.task_id,
-            self.request_body,
-            json.dumps(list(self.image_urls)) if self.image_urls else None,
-            self.expires_at.isoformat() if self.expires_at else None,
-            json.dumps(list(self.files)) if self.files else None,
-            self.error,
-            self.attempts,
-            self.updated_at,
-        )
+    generation: int = 0
+    """Retries after failure so far (part of the job's derived idempotency key)."""
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -174,7 +192,13 @@ class JobRecord:
             error=row["error"],
             attempts=row["attempts"],
             updated_at=row["updated_at"],
+            generation=row["generation"],
         )
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    """The journal's connection (a seam: tests swap in a failing one)."""
+    return sqlite3.connect(path, check_same_thread=False)
 
 
 class Journal:
@@ -184,35 +208,45 @@ class Journal:
         self._db = db
         self._lock = lock
         self.path = path
-        self._jobs: dict[str, JobRecord] = {
-            row["id"]: JobRecord._from_row(row) for row in db.execute("SELECT * FROM jobs")
-        }
+        self.directory = path.parent
+        self.broken: BaseException | None = None
+        """The error that broke the journal (no write is attempted after it)."""
+        self._writes = 0  # uncommitted writes
 
     @classmethod
-    def open(cls, directory: Path) -> Self:
-        """Open (or create) ``directory/journal.sqlite3`` and lock the folder."""
+    def open(cls, directory: Path, *, shared: bool = False) -> Self:
+        """Open (or create) ``directory/journal.sqlite3`` and lock the folder.
+
+        *shared*: the folder may be on a network filesystem (a sharded batch): use a
+        rollback journal rather than WAL.
+        """
         directory.mkdir(parents=True, exist_ok=True)
         lock = _lock(directory / LOCK_NAME)
         path = directory / JOURNAL_NAME
         try:
-            db = sqlite3.connect(path)
+            db = _connect(path)
             try:
                 db.row_factory = sqlite3.Row
-                db.execute("PRAGMA journal_mode=WAL")
+                db.execute(f"PRAGMA journal_mode={'TRUNCATE' if shared else 'WAL'}")
                 db.execute("PRAGMA synchronous=NORMAL")
                 db.execute("PRAGMA wal_autocheckpoint=10000")
                 db.execute("PRAGMA busy_timeout=5000")
+                version = _schema_version(db)
+                if version is not None and version > SCHEMA_VERSION:
+                    raise JournalError(
+                        f"{path} was written by a newer apimart (schema {version}); "
+                        "upgrade apimart-async or use another --out folder"
+                    )
                 with db:
-                    db.executescript(_SCHEMA)
-                    version = _meta(db, "schema_version")
+                    db.executescript(_SCHEMA if version is None else "")
+                    if version == 1:
+                        db.executescript(_MIGRATE_1_TO_2)
+                    db.executescript(_TRIGGERS)
                     if version is None:
-                        _set_meta(db, "schema_version", str(SCHEMA_VERSION))
                         _set_meta(db, "created_at", _now())
-                    elif int(version) > SCHEMA_VERSION:
-                        raise JournalError(
-                            f"{path} was written by a newer apimart (schema {version}); "
-                            "upgrade apimart-async or use another --out folder"
-                        )
+                        _set_meta(db, "journal_id", uuid.uuid4().hex)
+                    _set_meta(db, "schema_version", str(SCHEMA_VERSION))
+                db.executescript(_RUN_TABLES)
                 return cls(db, lock, path)
             except BaseException:
                 db.close()
@@ -231,8 +265,11 @@ class Journal:
         self.close()
 
     def close(self) -> None:
-        """Close the database and release the folder. Safe to call twice."""
-        self._db.close()
+        """Commit what can be, close the database, release the folder. Safe twice."""
+        with contextlib.suppress(sqlite3.Error, JournalError):
+            self.commit()
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
         _unlock(self._lock)
         self._lock = None
 
@@ -240,164 +277,239 @@ class Journal:
 
     def get(self, job_id: str) -> JobRecord | None:
         """The record of *job_id*, if the journal has one."""
-        return self._jobs.get(job_id)
+        row = self._db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        return None if row is None else JobRecord._from_row(row)
 
     def __getitem__(self, job_id: str) -> JobRecord:
-        return self._jobs[job_id]
+        record = self.get(job_id)
+        if record is None:
+            raise KeyError(job_id)
+        return record
 
     def meta(self, key: str) -> str | None:
         """A value from the ``meta`` table."""
         return _meta(self._db, key)
 
     def set_meta(self, key: str, value: str) -> None:
-        """Set a value in the ``meta`` table (committed)."""
-        with self._db:
-            _set_meta(self._db, key, value)
+        """Set a value in the ``meta`` table (with the next commit)."""
+        self._run(lambda: _set_meta(self._db, key, value))
 
-    # -- writing (each call is one committed transaction) ---------------------------
+    def count(self) -> int:
+        """How many jobs have a row."""
+        return int(self._db.execute("SELECT count(*) FROM jobs").fetchone()[0])
 
-    def add(self, jobs: Sequence[tuple[str, int, str]]) -> None:
-        """Record new jobs ``(id, line, fingerprint)`` as ``pending``, each with a fresh
-        idempotency key, in one transaction."""
-        now = _now()
-        records = [
-            JobRecord(
-                id=job_id,
-                line=line,
-                fingerprint=fingerprint,
-                idempotency_key=new_key(),
-                state="pending",
-                updated_at=now,
-            )
-            for job_id, line, fingerprint in jobs
-        ]
-        placeholders = ", ".join("?" * (len(_COLUMNS) + 1))
-        with self._db:
-            self._db.executemany(
-                f"INSERT INTO jobs (id, {', '.join(_COLUMNS)}) VALUES ({placeholders})",
-                [(r.id, *r._row()) for r in records],
-            )
-            for record in records:
-                self._log(record, "new")
-        self._jobs.update((r.id, r) for r in records)
+    def task_ids(self, job_id: str) -> set[str]:
+        """Every task id the journal ever recorded for *job_id* (history included)."""
+        rows = self._db.execute(
+            "SELECT task_id FROM history WHERE job_id = ? AND task_id IS NOT NULL "
+            "UNION SELECT task_id FROM jobs WHERE id = ? AND task_id IS NOT NULL",
+            (job_id, job_id),
+        )
+        return {str(row[0]) for row in rows}
 
-    def seen(self, job_id: str, *, line: int, fingerprint: str) -> JobRecord:
-        """Note the job's current line and request fingerprint (no state change)."""
-        record = self._jobs[job_id]
-        if record.line == line and record.fingerprint == fingerprint:
-            return record
-        return self._write(replace(record, line=line, fingerprint=fingerprint), None)
+    # -- this run's lines (temporary tables, gone when the journal closes) ----------
 
-    def submitting(self, job_id: str, body: str) -> JobRecord:
-        """A submit with this job's key is about to go on the wire, carrying *body*."""
-        record = self._jobs[job_id]
-        if record.state == "submitting" and record.request_body == body:
-            return record  # a retry of the same submit: nothing new to record
-        return self._write(
-            replace(
-                record,
-                state="submitting",
-                request_body=body,
-                attempts=record.attempts + (record.state != "submitting"),
-                error=None,
-            ),
-            None,
+    def registry(self) -> IdRegistry:
+        """An id registry for reading the batch file, in this connection's temp tables."""
+        return IdRegistry(self._db)
+
+    def see_invalid(self, line: int, job_id: str | None, error: str) -> None:
+        """Note an invalid line of this run's batch file (for results)."""
+        self._db.execute(
+            "INSERT OR REPLACE INTO temp.invalid VALUES (?, ?, ?)", (line, job_id, error)
         )
 
-    def submitted(self, job_id: str, task_id: str) -> JobRecord:
-        """The service created task *task_id* for the job."""
-        record = self._jobs[job_id]
-        return self._write(replace(record, state="submitted", task_id=task_id, error=None), None)
+    def lines(self) -> Iterator[tuple[int, str | None, str | None, JobRecord | None]]:
+        """This run's lines of this folder, in file order: ``(line, id, line error,
+        record or None)``; the valid ones are the ids the registry claimed as mine."""
+        cursor = self._db.execute(
+            "SELECT l.line AS l_line, l.id AS l_id, l.error AS l_error, j.* FROM ("
+            "SELECT line, id, NULL AS error FROM temp.claimed WHERE mine "
+            "UNION ALL SELECT line, id, error FROM temp.invalid) AS l "
+            "LEFT JOIN jobs AS j ON j.id = l.id AND l.error IS NULL ORDER BY l.line"
+        )
+        for row in cursor:
+            record = JobRecord._from_row(row) if row["id"] is not None else None
+            yield row["l_line"], row["l_id"], row["l_error"], record
+
+    # -- writing --------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Make every write so far durable (one transaction)."""
+        if self.broken is not None:
+            raise JournalWriteError(f"the journal cannot be written: {self.broken}")
+        try:
+            self._db.commit()
+        except sqlite3.Error as exc:
+            self.broken = exc
+            raise JournalWriteError(f"cannot write the journal {self.path}: {exc}") from exc
+        self._writes = 0
+
+    @property
+    def uncommitted(self) -> int:
+        """Writes since the last commit."""
+        return self._writes
+
+    def submitting(
+        self,
+        job_id: str,
+        *,
+        line: int,
+        fingerprint: str,
+        key: str,
+        body: str,
+        generation: int,
+    ) -> None:
+        """A submit under *key* carrying *body* is about to be sent (commit before it is)."""
+        now = _now()
+
+        self._run(
+            lambda: self._db.execute(
+                "INSERT INTO jobs (id, line, fingerprint, idempotency_key, state, "
+                "request_body, attempts, generation, updated_at) "
+                "VALUES (?, ?, ?, ?, 'submitting', ?, 1, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                "line = excluded.line, fingerprint = excluded.fingerprint, "
+                "idempotency_key = excluded.idempotency_key, state = 'submitting', "
+                "request_body = excluded.request_body, attempts = attempts + 1, "
+                "generation = excluded.generation, error = NULL, note = NULL, "
+                "updated_at = excluded.updated_at",
+                (job_id, line, fingerprint, key, body, generation, now),
+            )
+        )
+
+    def submitted(self, job_id: str, task_id: str) -> None:
+        """The service created task *task_id* for the job (commit at once)."""
+        self._change(job_id, "submitted", task_id=task_id, error=None)
 
     def completed(
         self, job_id: str, task_id: str, urls: Sequence[str], expires_at: datetime | None
-    ) -> JobRecord:
+    ) -> None:
         """The task completed; its result URLs are valid until *expires_at*."""
-        record = self._jobs[job_id]
-        return self._write(
-            replace(
-                record,
-                state="completed",
-                task_id=task_id,
-                image_urls=tuple(urls),
-                expires_at=expires_at,
-                error=None,
-            ),
-            None,
+        self._change(
+            job_id,
+            "completed",
+            task_id=task_id,
+            image_urls=json.dumps(list(urls)) if urls else None,
+            expires_at=expires_at.isoformat() if expires_at else None,
+            error=None,
         )
 
-    def done(self, job_id: str, files: Sequence[str]) -> JobRecord:
+    def done(self, job_id: str, files: Sequence[str]) -> None:
         """Every image of the job is in the output folder as *files*."""
-        record = self._jobs[job_id]
-        return self._write(replace(record, state="done", files=tuple(files), error=None), None)
+        self._change(job_id, "done", files=json.dumps(list(files)) if files else None, error=None)
 
-    def failed(self, job_id: str, error: str, task_id: str | None = None) -> JobRecord:
+    def failed(self, job_id: str, error: str, task_id: str | None = None) -> None:
         """The job failed for good this run (a rerun retries it with a new key)."""
-        record = self._jobs[job_id]
-        return self._write(
-            replace(record, state="failed", task_id=task_id or record.task_id, error=error),
-            error,
-        )
+        if task_id is None:
+            self._change(job_id, "failed", detail=error, error=error)
+        else:
+            self._change(job_id, "failed", detail=error, error=error, task_id=task_id)
 
-    def uncertain(self, job_id: str, error: str, body: str | None) -> JobRecord:
+    def uncertain(self, job_id: str, error: str, body: str | None) -> None:
         """The submit may or may not have created a task; the key is kept."""
-        record = self._jobs[job_id]
-        return self._write(
-            replace(
-                record, state="uncertain", error=error, request_body=body or record.request_body
-            ),
-            error,
-        )
+        if body is None:
+            self._change(job_id, "uncertain", detail=error, error=error)
+        else:
+            self._change(job_id, "uncertain", detail=error, error=error, request_body=body)
 
-    def expired(self, job_id: str, error: str) -> JobRecord:
+    def expired(self, job_id: str, error: str) -> None:
         """The results expired before they were downloaded."""
-        record = self._jobs[job_id]
-        return self._write(replace(record, state="expired", error=error), error)
+        self._change(job_id, "expired", detail=error, error=error)
 
-    def note_error(self, job_id: str, error: str) -> JobRecord:
+    def note_error(self, job_id: str, error: str) -> None:
         """Record *error* without changing the state (a timeout, a failed download)."""
-        record = self._jobs[job_id]
-        return self._write(replace(record, error=error), error)
+        self._change(job_id, None, detail=error, error=error)
 
-    def retry(self, job_id: str) -> JobRecord:
-        """Make a failed job ``pending`` again under a fresh key (its history stays)."""
-        record = self._jobs[job_id]
-        return self._write(
-            replace(
-                record,
-                state="pending",
-                idempotency_key=new_key(),
-                task_id=None,
-                request_body=None,
-                image_urls=(),
-                expires_at=None,
-                files=(),
-                error=None,
-            ),
-            "retry",
-        )
-
-    def _write(self, record: JobRecord, detail: str | None) -> JobRecord:
-        record = replace(record, updated_at=_now())
-        assignments = ", ".join(f"{c} = ?" for c in _COLUMNS)
-        with self._db:
-            self._db.execute(
-                f"UPDATE jobs SET {assignments} WHERE id = ?", (*record._row(), record.id)
+    def seen(self, job_id: str, *, line: int, fingerprint: str) -> None:
+        """Note the job's current line and request fingerprint (no state change)."""
+        self._run(
+            lambda: self._db.execute(
+                "UPDATE jobs SET line = ?, fingerprint = ? WHERE id = ?",
+                (line, fingerprint, job_id),
             )
-            self._log(record, detail)
-        self._jobs[record.id] = record
-        return record
-
-    def _log(self, record: JobRecord, detail: str | None) -> None:
-        self._db.execute(
-            "INSERT INTO history (job_id, at, state, task_id, detail) VALUES (?, ?, ?, ?, ?)",
-            (record.id, record.updated_at, record.state, record.task_id, detail),
         )
+
+    def retry(self, job_id: str) -> int:
+        """Make a failed job ``pending`` again, one generation on; return the generation."""
+        record = self[job_id]
+        generation = record.generation + 1
+        self._change(
+            job_id,
+            "pending",
+            detail="retry",
+            generation=generation,
+            task_id=None,
+            request_body=None,
+            image_urls=None,
+            expires_at=None,
+            files=None,
+            error=None,
+        )
+        return generation
+
+    def adopt(
+        self,
+        job_id: str,
+        *,
+        state: State,
+        task_id: str | None,
+        files: Sequence[str] = (),
+        key: str = "",
+        detail: str,
+    ) -> None:
+        """Record what a rebuild or a recovery file knows about a job (a new row if none)."""
+        now = _now()
+
+        self._run(
+            lambda: self._db.execute(
+                "INSERT INTO jobs (id, line, fingerprint, idempotency_key, state, task_id, "
+                "files, note, updated_at) VALUES (?, 0, '', ?, ?, ?, ?, ?, ?) "
+                "ON CONFLICT (id) DO UPDATE SET state = excluded.state, "
+                "task_id = excluded.task_id, files = coalesce(excluded.files, files), "
+                "note = excluded.note, updated_at = excluded.updated_at",
+                (
+                    job_id,
+                    key,
+                    state,
+                    task_id,
+                    json.dumps(list(files)) if files else None,
+                    detail,
+                    now,
+                ),
+            )
+        )
+
+    def _change(
+        self, job_id: str, state: State | None, *, detail: str | None = None, **columns: Any
+    ) -> None:
+        # One UPDATE; the trigger logs it in history.
+        if state is not None:
+            columns["state"] = state
+        columns["note"] = detail
+        columns["updated_at"] = _now()
+        assignments = ", ".join(f"{name} = ?" for name in columns)
+        sql = f"UPDATE jobs SET {assignments} WHERE id = ?"
+        self._run(lambda: self._db.execute(sql, (*columns.values(), job_id)))
+
+    def _run(self, write: Callable[[], object]) -> None:
+        if self.broken is not None:
+            raise JournalWriteError(f"the journal cannot be written: {self.broken}")
+        try:
+            write()
+        except sqlite3.Error as exc:
+            self.broken = exc
+            raise JournalWriteError(f"cannot write the journal {self.path}: {exc}") from exc
+        self._writes += 1
 
 
 def remove(directory: Path) -> None:
     """Delete the journal files of *directory* (the demo starts afresh each time)."""
-    for name in (JOURNAL_NAME, f"{JOURNAL_NAME}-wal", f"{JOURNAL_NAME}-shm"):
+    for name in (
+        JOURNAL_NAME,
+        f"{JOURNAL_NAME}-wal",
+        f"{JOURNAL_NAME}-shm",
+        f"{JOURNAL_NAME}-journal",
+    ):
         with contextlib.suppress(FileNotFoundError):
             (directory / name).unlink()
 
@@ -417,6 +529,19 @@ def read_meta(directory: Path, key: str) -> str | None:
         return None
     finally:
         db.close()
+
+
+def _schema_version(db: sqlite3.Connection) -> int | None:
+    """The journal's schema version; None for a new (empty) database."""
+    tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "meta" not in tables:
+        if tables:
+            raise sqlite3.DatabaseError(
+                f"not an apimart journal (tables: {', '.join(sorted(tables))})"
+            )
+        return None
+    version = _meta(db, "schema_version")
+    return 1 if version is None else int(version)
 
 
 def _meta(db: sqlite3.Connection, key: str) -> str | None:

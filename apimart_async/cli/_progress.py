@@ -27,6 +27,9 @@ __all__ = ["BatchProgress", "StatusLine", "counts_table", "problems_table"]
 # often while nothing does (so a log shows the run is alive).
 PLAIN_EVERY = 5.0
 PLAIN_QUIET = 30.0
+# The bar redraws at most 8 times a second, so updating it more often than this is
+# work nobody sees (a batch finishes hundreds of jobs a second against a fast service).
+BAR_EVERY = 0.1
 
 
 def _clock(seconds: float) -> str:
@@ -61,6 +64,7 @@ class BatchProgress:
         self._task: TaskID | None = None
         self._printed_at = self._started
         self._printed = ""
+        self._refreshed_at = 0.0
 
     # -- counting -------------------------------------------------------------------
 
@@ -79,6 +83,17 @@ class BatchProgress:
         else:
             self.failed += 1
         self._refresh()
+
+    def counted(self, *, done: int = 0, failed: int = 0) -> None:
+        """Jobs settled before this run (done earlier, or left alone): counted, not timed."""
+        self.done += done
+        self.failed += failed
+        self._refresh()
+
+    def set_total(self, total: int) -> None:
+        """The number of jobs, once the whole batch file has been read."""
+        self.total = total
+        self._refresh(force=True)
 
     @property
     def running(self) -> int:
@@ -154,7 +169,7 @@ class BatchProgress:
     def close(self) -> None:
         """Stop the live display (or print the last plain line). Safe to call twice."""
         if self._progress is not None:
-            self._refresh()
+            self._refresh(force=True)
             self._progress.stop()
             self._progress = None
         elif self.ui.mode == "plain" and self._printed != self.line():
@@ -172,6 +187,7 @@ class BatchProgress:
     def tick(self) -> None:
         """Called every second: plain mode prints a line when it is time."""
         if self.ui.mode != "plain":
+            self._refresh(force=True)
             return
         since = time.monotonic() - self._printed_at
         changed = self.line().split("]", 1)[1] != self._printed.split("]", 1)[-1]
@@ -183,16 +199,22 @@ class BatchProgress:
         self._printed_at = time.monotonic()
         self.ui.info(self._printed)
 
-    def _refresh(self) -> None:
-        if self._progress is not None and self._task is not None:
-            self._progress.update(
-                self._task,
-                completed=self.done + self.failed,
-                done=self.done,
-                failed=self.failed,
-                in_flight=self.running,
-                rate=f"{self.rate:.1f}",
-            )
+    def _refresh(self, *, force: bool = False) -> None:
+        if self._progress is None or self._task is None:
+            return
+        now = time.monotonic()
+        if not force and now - self._refreshed_at < BAR_EVERY:
+            return  # throttled: the next change or tick shows the latest counts
+        self._refreshed_at = now
+        self._progress.update(
+            self._task,
+            total=self.total,
+            completed=self.done + self.failed,
+            done=self.done,
+            failed=self.failed,
+            in_flight=self.running,
+            rate=f"{self.rate:.1f}",
+        )
 
 
 class StatusLine:

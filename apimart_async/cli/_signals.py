@@ -1,8 +1,8 @@
 """Stopping cleanly on Ctrl-C (SIGINT) or SIGTERM, and at once on the second one.
 
 The first signal cancels the work: the client lets submits already on the wire answer
-(so their task ids are recorded) and abandons everything else; every journal write is
-its own committed transaction, so the journal is consistent however far the work got.
+(so their task ids are recorded) and abandons everything else; the journal commits in
+whole transactions, so it is consistent however far the work got.
 The second signal exits immediately (``os._exit``); that is as safe as ``kill -9``:
 a submit that was in flight is left ``submitting`` in the journal and counts as
 uncertain on the next run.
