@@ -85,6 +85,19 @@ def pool_configs(concurrencies: tuple[int, ...]) -> list[tuple[int, int]]:
     return configs
 
 
+def overhead_impls(
+    conc: int, pool: int, context: tuple[str, ...], *, quick: bool
+) -> tuple[str, ...]:
+    """What runs at one (concurrency, pool): the baselines and our two shapes; the
+    context rows only at the clients' default pool, min(conc, 100), and in quick runs
+    raw httpx there too (it takes seconds per run at high concurrency)."""
+    default_pool = pool == min(conc, DEFAULT_POOL)
+    impls = OVERHEAD_IMPLS + (context if default_pool else ())
+    if quick and not default_pool:
+        impls = tuple(i for i in impls if i != "httpx")
+    return impls
+
+
 def overhead(sizes: Sizes, verbose: bool) -> Scenario:
     """Client CPU per pipeline with tasks that are done at the first poll."""
     n = sizes.overhead_pipelines
@@ -123,15 +136,11 @@ def overhead(sizes: Sizes, verbose: bool) -> Scenario:
     with FakeServer(latency="zero") as fake:
         sc.settings["fake_command"] = shlex.join(fake.command())
         runner = Runner(fake, sc, verbose=verbose)
-        for conc, pool in configs:
-            # Context rows only where the pool is the clients' default, min(conc, 100);
-            # raw httpx (seconds per run at high concurrency) there too in quick runs.
-            default_pool = pool == min(conc, DEFAULT_POOL)
-            impls = OVERHEAD_IMPLS + (context if default_pool else ())
-            if not default_pool and not sizes.context:
-                impls = tuple(i for i in impls if i != "httpx")
-            for _ in range(sizes.overhead_reps):
-                for impl in impls:
+        # Every repetition visits every configuration, so a load that changes during
+        # the scenario weighs on all of them alike (the growth targets compare them).
+        for _ in range(sizes.overhead_reps):
+            for conc, pool in configs:
+                for impl in overhead_impls(conc, pool, context, quick=not sizes.context):
                     run = runner.run(impl, pipelines=n, concurrency=conc, pool=pool, poll="prompt")
                     results.setdefault((impl, conc, pool), []).append(run)
     cost: dict[tuple[str, int, int], float | None] = {}
