@@ -17,9 +17,13 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Self
+
+if TYPE_CHECKING:
+    from collections.abc import Sequence
 
 __all__ = ["FakeServer"]
 
@@ -36,11 +40,13 @@ class FakeServer:
         time_scale: float | None = None,
         seed: int = 1,
         api_key: str = "test",
+        extra_args: Sequence[str] = (),
     ) -> None:
         self.latency = latency
         self.time_scale = time_scale
         self.seed = seed
         self.api_key = api_key
+        self.extra_args = tuple(extra_args)  # more ``python -m apimart_async.testing`` flags
         self.url = ""
         self._proc: subprocess.Popen[str] | None = None
         self._log = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - lives with self
@@ -52,11 +58,13 @@ class FakeServer:
         cmd += ["--seed", str(self.seed)]
         if self.time_scale is not None:
             cmd += ["--time-scale", repr(self.time_scale)]
-        return cmd
+        return cmd + list(self.extra_args)
 
     def __enter__(self) -> Self:
+        # From the repository root, like the workers: this checkout's apimart_async.
+        root = Path(__file__).resolve().parent.parent
         self._proc = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=self._log, text=True
+            self.command(), stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=root
         )
         assert self._proc.stdout is not None
         deadline = time.monotonic() + 30

@@ -2,7 +2,10 @@
 
 * ``apimart``: ``generate_many`` with dict requests whose ``image_urls`` hold PNG bytes
   (the client uploads them), on the transport the client picks itself (aiohttp on
-  asyncio when installed: ``AutoTransport``).
+  asyncio when installed: ``transport_backend="auto"``).
+* ``apimart-generate``: one ``client.generate(request)`` per pipeline under an
+  ``asyncio.Semaphore`` (``gather``), the same dict requests: the web-app shape, where
+  every request handler awaits its own pipeline on one shared client.
 * ``apimart-httpx``: the same, forced onto httpx's own pool
   (``transport=httpx.AsyncHTTPTransport(...)``), to show what the aiohttp transport buys.
 * ``apimart-calls``: explicit ``upload_image(cache=False)`` → ``submit`` → ``wait`` per
@@ -34,6 +37,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from apimart_async.types import Event
+    from apimart_async.webhooks import WebhookReceiver
 
 __all__ = ["Ours", "poll_policy"]
 
@@ -69,6 +73,7 @@ class Ours:
         limits: Limits,
         poll: PollPolicy,
         interval: float,
+        webhooks: WebhookReceiver | None = None,
     ) -> None:
         self.impl = impl
         self.limits = limits
@@ -80,8 +85,15 @@ class Ours:
             )
             transport = httpx.AsyncHTTPTransport(limits=pool, retries=0)
         self._requests: list[dict[str, Any]] = []
+        # With *webhooks*, every submit (generate and generate_many alike) sends the
+        # receiver's URL and waits on its pushes; polls become the safety net.
         self.client = AsyncApimart(
-            api_key=api_key, base_url=base_url, poll=poll, limits=limits, transport=transport
+            api_key=api_key,
+            base_url=base_url,
+            poll=poll,
+            limits=limits,
+            transport=transport,
+            webhooks=webhooks,
         )
 
     @property
@@ -131,10 +143,14 @@ class Ours:
         if on_poll is not None:
             poll_hook = on_poll
 
-            def on_event(event: Event) -> None:
+            def count_polls(event: Event) -> None:
                 if event.kind == "progress":
                     poll_hook()
 
+            on_event = count_polls
+
+        if self.impl == "apimart-generate":
+            return await self._run_generate(requests, concurrency, on_done, on_event)
         errors = 0
         async with self.client.generate_many(
             requests, concurrency=concurrency, on_event=on_event
@@ -146,6 +162,34 @@ class Ours:
                         print(f"first error: {outcome.error!r}", file=sys.stderr)
                     continue
                 on_done(outcome.task.id)
+        return errors
+
+    async def _run_generate(
+        self,
+        requests: list[dict[str, Any]],
+        concurrency: int,
+        on_done: Callable[[str], None],
+        on_event: Callable[[Event], None] | None,
+    ) -> int:
+        """One ``generate`` per request, at most *concurrency* at once: the web-app shape
+        (each handler awaits its own pipeline on the shared client)."""
+        client = self.client
+        slots = asyncio.Semaphore(concurrency)
+        errors = 0
+
+        async def one(request: dict[str, Any]) -> None:
+            nonlocal errors
+            async with slots:
+                try:
+                    task = await client.generate(request, on_event=on_event)
+                except Exception as exc:  # noqa: BLE001 - counted like generate_many's
+                    errors += 1
+                    if errors == 1:
+                        print(f"first error: {exc!r}", file=sys.stderr)
+                    return
+            on_done(task.id)
+
+        await asyncio.gather(*(one(request) for request in requests))
         return errors
 
     async def _run_calls(

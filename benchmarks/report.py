@@ -14,7 +14,8 @@ __all__ = ["Scenario", "Target", "print_scenario", "write_json"]
 
 @dataclass
 class Target:
-    """One target from the issue: *value* compared against *limit* (``<=`` or ``>=``)."""
+    """One target from an issue: *value* compared against *limit* (``<=``, ``<``, ``>=``
+    or ``==``); a missing value (the run failed) never passes."""
 
     name: str
     value: float | None
@@ -27,13 +28,17 @@ class Target:
     def passed(self) -> bool:
         if self.value is None:
             return False
-        if self.op == "==":
-            return self.value == self.limit
-        return self.value <= self.limit if self.op == "<=" else self.value >= self.limit
+        compare = {
+            "<=": self.value <= self.limit,
+            "<": self.value < self.limit,
+            ">=": self.value >= self.limit,
+            "==": self.value == self.limit,
+        }
+        return compare[self.op]
 
     def describe(self) -> str:
         value = "n/a" if self.value is None else f"{self.value:.3g}{self.unit}"
-        return f"{value} {self.op} {self.limit:g}{self.unit}"
+        return f"{value} {self.op} {self.limit:.3g}{self.unit}"
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,6 +65,8 @@ class Scenario:
     runs: list[dict[str, Any]] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
     elapsed_s: float = 0.0
+    # 1-minute load average when the scenario started and ended (the machine is shared).
+    loadavg: tuple[float, float] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +78,7 @@ class Scenario:
             "notes": self.notes,
             "runs": self.runs,
             "elapsed_s": self.elapsed_s,
+            "loadavg": self.loadavg,
         }
 
 
@@ -87,7 +95,9 @@ def _plain(scenario: Scenario) -> None:
 
 def print_scenario(scenario: Scenario) -> None:
     """Print the table, then PASS/FAIL per target, then notes."""
-    header = f"{scenario.title}  ({scenario.elapsed_s:.0f} s)"
+    load = scenario.loadavg
+    during = "" if load is None else f", load average {load[0]:.2f} -> {load[1]:.2f}"
+    header = f"{scenario.title}  ({scenario.elapsed_s:.0f} s{during})"
     try:
         from rich.console import Console
         from rich.table import Table

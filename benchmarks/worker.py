@@ -7,6 +7,10 @@ steady-state cost of the pipelines alone. Modes:
 
 * ``pipelines``: run *N* pipelines at *concurrency*; CPU, wall, peak RSS, peak open
   sockets; with ``--lags``, per-task detection lag and polls read from the fake.
+  With ``--webhook-port``, a ``WebhookReceiver`` is served by uvicorn on that loopback
+  port, on this process's event loop (its CPU is the client's), and our client waits on
+  its pushes (``AsyncApimart(webhooks=receiver)``); the fake delivers to it through
+  ``--webhook-rewrite``. ``--otel`` picks what OpenTelemetry the process has.
 * ``inflight``: start *N* pipelines at once against tasks the fake holds pending; once
   every pipeline has made its first poll (a barrier), record RSS growth and open
   sockets, then cancel everything.
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import cProfile
 import gc
 import json
@@ -28,18 +33,69 @@ import time
 import tracemalloc
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .images import png
 from .measure import Meter, SocketSampler, count_sockets, rss_now
+from .otel import OTEL_MODES, OtelSetup
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncGenerator
+
+    from apimart_async.webhooks import WebhookReceiver
 
 RAW_IMPLS = ("aiohttp", "httpx", "httpx-aiohttp")
-OUR_IMPLS = ("apimart", "apimart-httpx", "apimart-calls", "apimart-shared", "apimart-fixed")
+OUR_IMPLS = (
+    "apimart",
+    "apimart-generate",
+    "apimart-httpx",
+    "apimart-calls",
+    "apimart-shared",
+    "apimart-fixed",
+)
 IMPLS = RAW_IMPLS + OUR_IMPLS
 # The connection pool every client gets by default: aiohttp's TCPConnector and httpx's
 # Limits default to 100, and so does our client's. Beyond it, a run mostly measures the
 # cost of opening connections (1,000 sockets for 2,000 pipelines), not the client.
 DEFAULT_POOL = 100
+
+
+@contextlib.asynccontextmanager
+async def serve_receiver(public_url: str, port: int) -> AsyncGenerator[WebhookReceiver]:
+    """A ``WebhookReceiver`` under uvicorn on ``127.0.0.1:port``, on this event loop.
+
+    The fake's sender POSTs callbacks for ``public_url`` here (its ``--webhook-rewrite``
+    maps the public URL to this port). Serving on the client's own loop means a push is
+    handed to the waiting job directly, and its cost is part of the client's CPU.
+    """
+    import uvicorn
+
+    from apimart_async.webhooks import WebhookReceiver
+
+    receiver = WebhookReceiver(public_url=public_url)
+    config = uvicorn.Config(
+        receiver,
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
+        access_log=False,
+        lifespan="off",
+        ws="none",
+        server_header=False,
+        date_header=False,
+    )
+    server = uvicorn.Server(config)
+    serving = asyncio.ensure_future(server.serve())
+    try:
+        while not server.started:
+            if serving.done():
+                serving.result()  # raises why it stopped (port taken, ...)
+                raise RuntimeError(f"the webhook receiver did not start on port {port}")
+            await asyncio.sleep(0.01)
+        yield receiver
+    finally:
+        server.should_exit = True
+        await serving
 
 
 def fake_admin(base_url: str, path: str, method: str = "GET") -> Any:
@@ -55,7 +111,7 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] if ordered else 0.0
 
 
-def build(args: argparse.Namespace) -> Any:
+def build(args: argparse.Namespace, receiver: WebhookReceiver | None = None) -> Any:
     """The implementation object for ``--impl`` (raw loop or our client)."""
     if args.impl in RAW_IMPLS:
         from .raw import RawAiohttp, RawHttpx
@@ -88,6 +144,7 @@ def build(args: argparse.Namespace) -> Any:
         limits=limits,
         poll=poll_policy(args.poll, args.poll_scale),
         interval=args.interval,
+        webhooks=receiver,
     )
 
 
@@ -97,44 +154,69 @@ def lag_report(returns: dict[str, float], snapshot: dict[str, Any]) -> dict[str,
     lag = (time.monotonic() when the pipeline returned the task, in this process)
           - (completes_at: time.monotonic() at which the fake's task finished).
     CLOCK_MONOTONIC is system-wide on Linux, so both readings share one clock; the
-    check is that no task was returned before the fake saw it detected.
+    check is that no task was returned before the fake saw it detected. Tasks the
+    client never queried (``polls == 0``: their result was pushed by a webhook) are
+    summarised apart as ``pushed``, the others as ``queried``, since with webhooks the
+    two are different mechanisms (a push, or the safety-net poll after a lost one).
     """
     tasks = {t["id"]: t for t in snapshot.get("tasks", [])}
-    lags: list[float] = []
-    rel: list[float] = []
-    durations: list[float] = []
-    polls: list[float] = []
+    rows: list[tuple[float, float, float]] = []  # (lag, real duration, polls)
     early = 0
     for task_id, returned in returns.items():
         task = tasks.get(task_id)
         if task is None:
             continue
-        lag = returned - task["completes_at"]
         if task.get("detected_at") is not None and returned < task["detected_at"]:
             early += 1
-        lags.append(lag)
-        durations.append(task["real_duration"])
-        rel.append(lag / task["real_duration"] if task["real_duration"] > 0 else 0.0)
-        polls.append(float(task["polls"]))
-    if not lags:
+        rows.append((returned - task["completes_at"], task["real_duration"], task["polls"]))
+    if not rows:
         return {"matched": 0}
-    return {
-        "matched": len(lags),
-        "lag_mean_s": statistics.fmean(lags),
-        "lag_p95_s": _pct(lags, 0.95),
-        "lag_min_s": min(lags),
-        "duration_mean_s": statistics.fmean(durations),
-        "duration_p50_s": statistics.median(durations),
-        "duration_max_s": max(durations),
-        "lag_over_duration_of_means": statistics.fmean(lags) / statistics.fmean(durations),
-        "lag_over_duration_mean": statistics.fmean(rel),
-        "lag_over_duration_p95": _pct(rel, 0.95),
-        "polls_mean": statistics.fmean(polls),
-        "polls_p95": _pct(polls, 0.95),
-        "polls_max": max(polls),
+    out = {
+        **_lag_summary(rows),
+        "matched": len(rows),
+        "lag_min_s": min(r[0] for r in rows),
+        "duration_p50_s": statistics.median(r[1] for r in rows),
+        "duration_max_s": max(r[1] for r in rows),
+        "polls_p95": _pct([r[2] for r in rows], 0.95),
+        "polls_max": max(r[2] for r in rows),
         "returned_before_detected": early,
         "fake_detection_lag": snapshot.get("tasks_summary", {}).get("detection_lag"),
     }
+    pushed = [r for r in rows if r[2] == 0]
+    queried = [r for r in rows if r[2] > 0]
+    out["pushed"] = {"count": len(pushed), **(_lag_summary(pushed) if pushed else {})}
+    out["queried"] = {"count": len(queried), **(_lag_summary(queried) if queried else {})}
+    return out
+
+
+def _lag_summary(rows: list[tuple[float, float, float]]) -> dict[str, float]:
+    lags = [r[0] for r in rows]
+    durations = [r[1] for r in rows]
+    rel = [lag / dur if dur > 0 else 0.0 for lag, dur, _ in rows]
+    return {
+        "lag_mean_s": statistics.fmean(lags),
+        "lag_p95_s": _pct(lags, 0.95),
+        "duration_mean_s": statistics.fmean(durations),
+        "lag_over_duration_of_means": statistics.fmean(lags) / statistics.fmean(durations),
+        "lag_over_duration_mean": statistics.fmean(rel),
+        "lag_over_duration_median": statistics.median(rel),
+        "lag_over_duration_p95": _pct(rel, 0.95),
+        "polls_mean": statistics.fmean(r[2] for r in rows),
+    }
+
+
+def sustained_rate(done_at: list[float], started: float, k: int) -> dict[str, Any]:
+    """Pipelines per second while every slot was busy: *k* = pipelines - concurrency
+    completions over the time they took from the start.
+
+    Once the k-th pipeline has finished, the last one has started; what follows is the
+    drain, whose length is set by the slowest tasks of the batch. On realistic task
+    durations those are a handful of random draws from a long tail, different in every
+    run, so whole-run throughput of a finite batch measures them more than the client.
+    """
+    if k < 1 or len(done_at) < k or done_at[k - 1] <= started:
+        return {}
+    return {"sustained_rate": k / (done_at[k - 1] - started), "sustained_k": k}
 
 
 def fake_counters(snapshot: dict[str, Any]) -> dict[str, Any]:
@@ -145,7 +227,7 @@ def fake_counters(snapshot: dict[str, Any]) -> dict[str, Any]:
     return stats
 
 
-async def run_pipelines(args: argparse.Namespace) -> dict[str, Any]:
+async def run_pipelines(args: argparse.Namespace, otel: OtelSetup) -> dict[str, Any]:
     n = args.pipelines
     images = [png(0)] * n if args.impl == "apimart-shared" else [png(i) for i in range(n)]
     returns: dict[str, float] = {}
@@ -153,34 +235,53 @@ async def run_pipelines(args: argparse.Namespace) -> dict[str, Any]:
     def on_done(task_id: str) -> None:
         returns[task_id] = time.monotonic()
 
-    impl = build(args)
-    async with impl:
-        await impl.warmup()
-        await asyncio.to_thread(fake_admin, args.base_url, "/_fake/reset?all=1", "POST")
-        impl.prepare(images)
-        gc.collect()
-        meter = Meter()
-        profiler = cProfile.Profile() if args.profile else None
-        with SocketSampler() as sockets:
-            meter.start()
+    async with contextlib.AsyncExitStack() as stack:
+        receiver: WebhookReceiver | None = None
+        if args.webhook_port:
+            # Entered first, so it closes last: after the client.
+            receiver = await stack.enter_async_context(
+                serve_receiver(args.webhook_public_url, args.webhook_port)
+            )
+        impl = build(args, receiver)
+        async with impl:
+            await impl.warmup()
+            await asyncio.to_thread(fake_admin, args.base_url, "/_fake/reset?all=1", "POST")
+            impl.prepare(images)
+            otel.clear()
+            gc.collect()
+            meter = Meter()
+            profiler = cProfile.Profile() if args.profile else None
+            with SocketSampler() as sockets:
+                meter.start()
+                started = time.monotonic()  # the clock on_done reads
+                if profiler is not None:
+                    profiler.enable()
+                errors = await impl.run(images, args.concurrency, on_done) or 0
+                if profiler is not None:
+                    profiler.disable()
+                meter.stop()
             if profiler is not None:
-                profiler.enable()
-            errors = await impl.run(images, args.concurrency, on_done) or 0
-            if profiler is not None:
-                profiler.disable()
-            meter.stop()
-        if profiler is not None:
-            profiler.dump_stats(args.profile)
-        query = "" if args.lags else "?tasks=0"
-        snapshot = await asyncio.to_thread(fake_admin, args.base_url, f"/_fake/stats{query}")
+                profiler.dump_stats(args.profile)
+            query = "" if args.lags else "?tasks=0"
+            snapshot = await asyncio.to_thread(fake_admin, args.base_url, f"/_fake/stats{query}")
     out: dict[str, Any] = {
         **meter.as_dict(),
+        **otel.report(),
         "completed": len(returns),
         "errors": errors,
         "sockets_peak": sockets.peak,
         "pool": impl.pool,
         "fake": fake_counters(snapshot),
+        **sustained_rate(sorted(returns.values()), started, n - args.concurrency),
     }
+    if receiver is not None:
+        stats = receiver.stats
+        out["receiver"] = {
+            "received": stats.received,
+            "duplicates": stats.duplicates,
+            "ignored": stats.ignored,
+            "rejected": stats.rejected_total,
+        }
     if args.lags:
         out["lags"] = lag_report(returns, snapshot)
     return out
@@ -232,7 +333,7 @@ async def run_inflight(args: argparse.Namespace) -> dict[str, Any]:
         waiter.cancel()
         await asyncio.gather(runner, waiter, return_exceptions=True)
         if runner in done and runner.exception() is not None:
-            raise runner.exception()  # type: ignore[misc]
+            raise runner.exception()
         snapshot = await asyncio.to_thread(fake_admin, args.base_url, "/_fake/stats?tasks=0")
     return {
         **meter.as_dict(),
@@ -291,6 +392,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--poll-rate", type=float, default=1e6)
     p.add_argument("--limits", choices=("sized", "default"), default="sized")
     p.add_argument("--lags", action="store_true", help="report detection lag per task")
+    p.add_argument(
+        "--otel",
+        choices=OTEL_MODES,
+        default="api",
+        help="OpenTelemetry in this process: none (hidden, as if not installed), api (no "
+        "provider set: the default), noop (no-op providers set), sdk (in-memory exporter)",
+    )
+    p.add_argument(
+        "--webhook-port",
+        type=int,
+        default=0,
+        help="serve a WebhookReceiver on 127.0.0.1:PORT and wait on its pushes",
+    )
+    p.add_argument(
+        "--webhook-public-url",
+        default="https://hooks.bench.example.com/hooks",
+        help="the receiver's public_url (the fake rewrites it to the loopback port)",
+    )
     p.add_argument("--file", help="upload mode: the file to upload")
     p.add_argument("--profile", metavar="PATH", help="pipelines mode: cProfile stats to PATH")
     p.add_argument(
@@ -302,6 +421,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--timeout", type=float, default=600.0, help="inflight: barrier timeout")
     args = p.parse_args(argv)
+    if args.webhook_port and args.impl not in ("apimart", "apimart-generate"):
+        p.error("--webhook-port needs --impl apimart or apimart-generate")
     if args.pool is None:
         args.pool = min(args.concurrency, DEFAULT_POOL)
     args.file_bytes = os.path.getsize(args.file) if args.file else 0
@@ -310,8 +431,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    runner = {"pipelines": run_pipelines, "inflight": run_inflight, "upload": run_upload}
-    result = asyncio.run(runner[args.mode](args))
+    otel = OtelSetup(args.otel)  # before anything imports apimart_async
+    if args.mode == "pipelines":
+        result = asyncio.run(run_pipelines(args, otel))
+    elif args.mode == "inflight":
+        result = asyncio.run(run_inflight(args))
+    else:
+        result = asyncio.run(run_upload(args))
     result.update(
         impl=args.impl, mode=args.mode, pipelines=args.pipelines, concurrency=args.concurrency
     )
