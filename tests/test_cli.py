@@ -16,7 +16,7 @@ from apimart_async.cli import main
 from apimart_async.cli._app import run
 from apimart_async.cli._setup import Runtime
 from apimart_async.models import MODELS
-from apimart_async.testing import FakeApimart, Latency
+from apimart_async.testing import FakeApimart, Latency, ManualClock
 
 from .images import png
 
@@ -43,7 +43,7 @@ def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     """--help lists every command; --version prints the version; both return 0."""
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for command in ("generate", "batch", "upload", "task", "models", "demo"):
+    for command in ("generate", "batch", "merge", "upload", "task", "balance", "models", "demo"):
         assert command in text
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("apimart ")
@@ -57,13 +57,13 @@ def test_unknown_command_and_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]
 
 
 def test_models_lists_every_model_with_its_rules() -> None:
-    """The table names every model id; --json gives each class's rules."""
+    """Piped, one tab-separated line per model id; --json one object per model id."""
     ran = cli("models")
     assert ran.code == 0
-    for model in MODELS:
-        assert model in ran.out
+    lines = ran.out.splitlines()
+    assert [line.split("\t")[0] for line in lines[1:]] == list(MODELS)
     rules = json.loads(cli("models", "--json").out)
-    gemini = next(r for r in rules if GEM in r["models"])
+    gemini = next(r for r in rules if r["model"] == GEM)
     assert gemini["resolutions"] == ["1K", "2K", "4K"] and gemini["n_range"] == [1, 4]
 
 
@@ -153,12 +153,14 @@ def _submit(fake: FakeApimart) -> str:
 
 def test_task_shows_waits_and_downloads(tmp_path: Path) -> None:
     """task shows the status; --wait waits for the end; --download saves the images."""
-    fake = FakeApimart(latency=Latency.fixed(2.0, time_scale=0.01))
+    clock = ManualClock()  # the task runs only when the test says so
+    fake = FakeApimart(latency=Latency.fixed(2.0, time_scale=0.01), clock=clock)
     task_id = _submit(fake)
     ran = cli("task", task_id, fake=fake)
     assert ran.code == 0 and f"id:      {task_id}" in ran.out
     ran = cli("task", task_id, "--download", str(tmp_path), fake=fake)
     assert ran.code == 1 and "add --wait" in ran.err
+    clock.advance(1.0)
     ran = cli("task", task_id, "--wait", "--download", str(tmp_path), fake=fake)
     assert ran.code == 0, ran.err
     assert "status:  completed" in ran.out
