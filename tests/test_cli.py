@@ -230,8 +230,17 @@ def test_missing_rich_prints_the_install_hint(monkeypatch: pytest.MonkeyPatch) -
 def test_fake_options_are_validated(tmp_path: Path) -> None:
     """Bad --fake-latency / --fake-faults are usage errors naming the option's problem."""
     ran = cli("generate", "--fake", "--fake-latency", "slow", "-m", GEM, "-p", "x")
-    assert ran.code == 2 and "unknown latency" in ran.err
+    assert ran.code == 2 and "--fake-latency: unknown latency" in ran.err
     ran = cli("generate", "--fake", "--fake-faults", "{", "-m", GEM, "-p", "x")
-    assert ran.code == 2 and "--fake-faults is not valid JSON" in ran.err
+    assert ran.code == 2 and "--fake-faults: not valid JSON" in ran.err
     ran = cli("generate", "--fake", "--fake-faults", '{"nope": 1}', "-m", GEM, "-p", "x")
     assert ran.code == 2 and "nope" in ran.err
+    ran = cli("generate", "--fake", "--fake-faults", '{"rate_limit": 2}', "-m", GEM, "-p", "x")
+    assert ran.code == 2 and "--fake-faults: rate_limit must be in [0, 1]" in ran.err
+
+
+def test_a_bad_base_url_names_the_flag_and_the_variable() -> None:
+    """The client's "base_url" is the command line's --base-url or APIMART_BASE_URL."""
+    ran = cli("balance", "--api-key", "k", "--base-url", "ftp://example.test")
+    assert ran.code == 2
+    assert ran.err.startswith("apimart: error: --base-url (or APIMART_BASE_URL) must be")

@@ -118,9 +118,13 @@ def make_fake(options: ClientOptions, state_dir: Path | None = None) -> FakeApim
             latency = Latency.realistic(
                 time_scale=scale, request_latency=(low * scale, high * scale)
             )
+    except (ValueError, TypeError) as exc:
+        raise UsageError(f"--fake-latency: {exc}") from None
+    try:
         faults = _faults(options.fake_faults) if options.fake_faults else None
     except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
+        # The fake's own words name its class ("Faults.rate_limit"): name the flag.
+        raise UsageError(f"--fake-faults: {str(exc).replace('Faults.', '')}") from None
     state: Path | None = None
     if state_dir is not None:
         state = state_dir / FAKE_STATE_NAME
@@ -151,9 +155,9 @@ def _faults(text: str) -> FaultsSpec:
     try:
         data: object = json.loads(text)
     except ValueError as exc:
-        raise UsageError(f"--fake-faults is not valid JSON: {exc}") from None
+        raise ValueError(f"not valid JSON: {exc}") from None
     if not isinstance(data, dict):
-        raise UsageError("--fake-faults must be a JSON object of Faults fields")
+        raise TypeError("must be a JSON object of fault probabilities")
     spec = cast("dict[str, Any]", data)
     if spec and all(k in get_args(Endpoint) for k in spec):
         return {k: Faults.from_dict(v) for k, v in spec.items()}  # type: ignore[misc]
@@ -196,5 +200,8 @@ def make_client(
     except MissingAPIKeyError:
         raise UsageError(_MISSING_KEY) from None
     except ValueError as exc:
-        raise UsageError(str(exc)) from None
+        text = str(exc)
+        if text.startswith("base_url"):  # the client's own name for it
+            text = "--base-url (or APIMART_BASE_URL)" + text.removeprefix("base_url")
+        raise UsageError(text) from None
     return client, fake
