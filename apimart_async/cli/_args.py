@@ -245,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "batch",
         parents=[api, fake, progress],
         help="run a JSONL file of requests into a folder, resumably",
-        description="Run every request of a JSONL file and download the results into DIR, "
+        description="Run every request of a JSONL file and download the results into DIR,\n"
         "with a journal (DIR/journal.sqlite3) that makes reruns resume.",
         epilog=BATCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

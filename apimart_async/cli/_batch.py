@@ -326,7 +326,8 @@ def run_batch(
 
 
 def _journaled_receiver(journal: Journal, public_url: str) -> WebhookReceiver:
-    """*receiver* with the folder's own secret token (drawn on its first webhook run).
+    """The receiver for *public_url* with the folder's own secret path token (drawn on
+    the folder's first webhook run, then kept in its journal).
 
     Every run of the folder then sends the same ``webhook`` URL: a resent body is the
     body its idempotency key was first sent with, and a callback for a task of an
