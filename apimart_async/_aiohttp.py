@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING
 
 import aiohttp
 
-from ._exceptions import APITimeoutError
+from ._exceptions import APIConnectionError, APITimeoutError
 from ._transport import (
     Exchange,
     Streamed,
+    carries_request,
     check_declared,
     guarded,
     mapped,
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["AiohttpTransport"]
 
 _AIOHTTP = (aiohttp.ClientError, asyncio.TimeoutError)
+# aiohttp refuses malformed header values with a bare ValueError, before sending.
+_REFUSED = ValueError
 _Timeouts = tuple[float | None, float | None, float | None, float | None]
 
 
@@ -106,7 +109,9 @@ class AiohttpTransport:
                 streamed = Streamed(status, response.headers, response.content.iter_any())
                 return Exchange(status, response.headers, await read_capped(streamed, cap))
         except _AIOHTTP as exc:
-            raise mapped(exc, request) from exc
+            raise mapped(exc, request) from (None if carries_request(exc) else exc)
+        except _REFUSED:
+            raise _unsendable(request) from None
         finally:
             self._slots.release()
 
@@ -125,7 +130,9 @@ class AiohttpTransport:
                     timeout=self._timeout((timeout.connect, timeout.pool, timeout.read, None)),
                 )
             except _AIOHTTP as exc:
-                raise mapped(exc, request) from exc
+                raise mapped(exc, request) from (None if carries_request(exc) else exc)
+            except _REFUSED:
+                raise _unsendable(request) from None
             try:
                 chunks = guarded(response.content.iter_chunked(256 * 1024), request, _AIOHTTP)
                 yield Streamed(response.status, response.headers, chunks)
@@ -168,3 +175,14 @@ class AiohttpTransport:
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _unsendable(request: Request) -> APIConnectionError:
+    # Its message may quote the header value, which may be ours: not kept.
+    return APIConnectionError(
+        "the request could not be formed (a header value is invalid); not retried",
+        method=request.method,
+        url=request.url,
+        sent=False,
+        retryable=False,
+    )

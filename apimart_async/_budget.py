@@ -76,12 +76,6 @@ class Budget:
         self.spent = 0.0  # USD, certain
         self.reserved = 0.0  # USD, submits under way
         self.images = 0  # submitted or done, this batch
-        self.unknown = 0  # tasks whose cost the service did not report
-
-    @property
-    def active(self) -> bool:
-        """Whether any cap is set."""
-        return self._max_cost is not None or self._max_images is not None
 
     def estimate(self, model: str, n: int) -> float | None:
         """What a job of *n* images of *model* may cost (USD), or None if unknown."""
@@ -139,7 +133,6 @@ class Budget:
         if estimate is not None:
             self.reserved -= estimate
         if cost is None:
-            self.unknown += 1
             if estimate is not None:
                 self.spent += estimate  # not said: count what it was expected to cost
             elif self._max_cost is not None and model not in self._uncountable:
@@ -154,6 +147,12 @@ class Budget:
         self.spent += cost
         if cost > 0 and n > 0:
             self._seen[model] = max(self._seen.get(model, 0.0), cost / n)
+
+    def unresolved(self, model: str, estimate: float | None) -> None:
+        """An admitted job whose cost will not be known here (an uncertain submit, a
+        task still running at the deadline): its reservation stays, but it no longer
+        holds up the next job of an unpriced model, which becomes the probe."""
+        self._end_probe(model, estimate)
 
     def release(self, model: str, n: int, estimate: float | None) -> None:
         """An admitted job that never created a task (refused, failed, or refunded)."""

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -24,6 +25,7 @@ from ._clock import running_asyncio_loop
 from ._config import Limits, PollPolicy, RetryPolicy
 from ._download import download_images
 from ._events import checked_key, emit
+from ._exceptions import TaskError
 from ._http import HttpCore
 from ._parsing import parse_balance
 from ._pipeline import OutcomeStream, Pipeline
@@ -59,6 +61,8 @@ if TYPE_CHECKING:
     from .webhooks import WebhookReceiver
 
 __all__ = ["NOT_GIVEN", "AsyncApimart"]
+
+logger = logging.getLogger("apimart_async")
 
 
 class _Unset(enum.Enum):
@@ -145,7 +149,6 @@ class AsyncApimart:
             backend=transport_backend,
             http_client=http_client,
             transport=transport,
-            api_origin=str(self._base_url).rstrip("/"),
         )
         http = HttpCore(
             net,
@@ -170,6 +173,7 @@ class AsyncApimart:
             download_timeout=request_timeout,
             max_download=max_download_bytes,
         )
+        self._backend: Backend = transport_backend
         self._webhooks = webhooks
         self._routers: dict[int, PushRouter] = {}  # by id() of their receiver
         self._closed = False
@@ -195,8 +199,15 @@ class AsyncApimart:
         if self._closed:
             return
         self._closed = True
-        if self._loop is not None:
-            self._check_loop()
+        if self._loop is not None and (running_asyncio_loop() or current_loop()) is not self._loop:
+            # Its loop is gone (a second asyncio.run): nothing it holds can be closed
+            # from here. Say so instead of failing; the connections die with that loop.
+            logger.warning(
+                "AsyncApimart.aclose() called from another event loop than the one it ran "
+                "on; its connections could not be closed from here (create the client "
+                "inside the loop that uses it)"
+            )
+            return
         for router in self._routers.values():
             router.close()
         with anyio.CancelScope(shield=True):
@@ -238,6 +249,12 @@ class AsyncApimart:
     def limits(self) -> Limits:
         """The client-wide limits in force."""
         return self._limits
+
+    @property
+    def transport_backend(self) -> Backend:
+        """The transport chosen at construction (``"auto"`` decides on the first request:
+        aiohttp on asyncio when the ``fast`` extra is installed, httpx otherwise)."""
+        return self._backend
 
     @property
     def poll_policy(self) -> PollPolicy:
@@ -335,7 +352,13 @@ class AsyncApimart:
             req.to_body()  # raises: submit() sends URLs only (generate() uploads)
         key = checked_key(idempotency_key)
         job = _jobs.Job(request=req, key=key, timeout=None, on_event=on_event)
-        return await _jobs.submit(self._res, job)
+        try:
+            return await _jobs.submit(self._res, job)
+        except BaseException:
+            # The task was created, but the caller gets an error (a failing on_event,
+            # a cancellation just after): the client keeps it.
+            _jobs.abandon(self._res, job, "submit raised after its task was created")
+            raise
 
     async def get_task(self, task_id: str) -> Task:
         """The task's current state (one query, retried on transient failures).
@@ -347,7 +370,7 @@ class AsyncApimart:
             APIResponseValidationError: the body fit no known shape, after retries.
         """
         self._check_open()
-        return await _jobs.query(self._res, _jobs.task_path(task_id))
+        return await _jobs.query(self._res, _jobs.checked_task_id(task_id))
 
     async def balance(self, *, account: bool = False) -> AccountBalance:
         """What the key (or, with *account*, the whole account) has left to spend.
@@ -376,7 +399,8 @@ class AsyncApimart:
         """Poll until the task finishes; return it completed, or raise.
 
         Given a ``Task`` fresh from ``submit``, the first poll waits a moment; given an
-        id (resuming), it polls at once. The schedule adapts (see ``PollPolicy``) and
+        id (resuming), it polls at once. ``wait`` always polls (it cannot know whether the
+        task was submitted with a webhook); ``generate`` takes pushed results. The schedule adapts (see ``PollPolicy``) and
         every query draws from the client-wide poll budget. Transient query failures
         are retried and, if they persist, polling goes on until the deadline, so a
         brief outage never loses a task. An unknown status keeps polling until the
@@ -454,10 +478,16 @@ class AsyncApimart:
             task = await _jobs.wait(res, job)
         except Exception as exc:
             await _jobs.fail(job, exc)
+            if not (isinstance(exc, TaskError) and exc.task is not None):
+                # The caller's error does not carry the task: the client keeps it.
+                _jobs.abandon(
+                    res, job, f"generate raised {type(exc).__name__} after its task was created"
+                )
             _jobs.close_span(res, job, exc)
             raise
-        except BaseException as exc:  # cancelled
-            _jobs.close_span(res, job, exc)
+        except BaseException:  # cancelled: the task goes on without its caller
+            _jobs.abandon(res, job, "generate was cancelled while its task ran")
+            _jobs.close_span(res, job, "cancelled")
             raise
         _jobs.close_span(res, job)
         return task

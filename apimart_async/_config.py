@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from dataclasses import dataclass
 
 import httpx
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 DEFAULT_BASE_URL = "https://api.apimart.ai"
+_VISIBLE_ASCII = re.compile(r"[\x21-\x7e]+")
 ENV_API_KEY = "APIMART_API_KEY"
 ENV_BASE_URL = "APIMART_BASE_URL"
 
@@ -175,11 +177,24 @@ def env(name: str) -> str | None:
 
 
 def resolve_api_key(api_key: str | None) -> str:
-    """The key given, else ``APIMART_API_KEY``; ``MissingAPIKeyError`` if neither."""
-    key = api_key or env(ENV_API_KEY)
+    """The key given, else ``APIMART_API_KEY``; ``MissingAPIKeyError`` if neither.
+
+    Surrounding whitespace is dropped (a key read from a file keeps its newline); a key
+    with anything else than visible ASCII inside is refused, without echoing it: an
+    HTTP library would otherwise put it in its own error message.
+    """
+    key = (api_key if isinstance(api_key, str) else None) or env(ENV_API_KEY)
+    if api_key is not None and not isinstance(api_key, str):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise TypeError(f"api_key must be a string, not {type(api_key).__name__}")
+    key = key.strip() if key else key
     if not key:
         raise MissingAPIKeyError(
             "no API key: pass api_key=... or set the APIMART_API_KEY environment variable"
+        )
+    if not _VISIBLE_ASCII.fullmatch(key):
+        raise ValueError(
+            f"the API key ({len(key)} characters) contains spaces, control or non-ASCII "
+            "characters; check how it was copied (it is not shown here)"
         )
     return key
 

@@ -13,6 +13,7 @@ image fails, the files this call already placed are removed again.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import uuid
 from collections.abc import Sequence
@@ -29,7 +30,8 @@ from ._exceptions import (
     ResultExpiredError,
     status_error_class,
 )
-from ._transport import Request, request_deadline
+from ._runtime import all_or_first_error
+from ._transport import Request, check_declared, request_deadline
 from ._uploads import sniff_image_type
 from .types import Task, TaskStatus
 
@@ -81,17 +83,24 @@ def _targets(
             raise ValueError(f"names has {len(names)} entries for {len(urls)} images")
         stems = [safe_stem(Path(n).name) for n in names]
     for url in urls:
-        _check_scheme(url)
+        _check_url(url)
     return urls, stems, owner
 
 
-def _check_scheme(url: str) -> None:
-    scheme = httpx.URL(url).scheme
-    if scheme not in ("http", "https"):
+def _check_url(url: str) -> None:
+    parsed = httpx.URL(url)
+    if parsed.scheme not in ("http", "https"):
         raise APIResponseValidationError(
-            f"refusing to fetch a result URL with scheme {scheme!r}",
+            f"refusing to fetch a result URL with scheme {parsed.scheme!r}",
             status_code=200,
             excerpt=url[:80],
+        )
+    if parsed.userinfo:
+        # ``user@host`` would be sent as credentials (and makes a host look like another).
+        raise APIResponseValidationError(
+            "refusing to fetch a result URL that carries credentials",
+            status_code=200,
+            excerpt=f"{parsed.scheme}://{parsed.host}{parsed.path}"[:80],
         )
 
 
@@ -128,25 +137,16 @@ async def _download(
     directory = anyio.Path(dest)
     await directory.mkdir(parents=True, exist_ok=True)
     placed: list[Path | None] = [None] * len(urls)
-    failures: list[Exception] = []
 
-    async def one(i: int, scope: anyio.CancelScope) -> None:
-        try:
-            async with res.download_slots:
-                placed[i] = await res.retry_download(
-                    _fetch_one, res, urls[i], directory, stems[i], overwrite
-                )
-        except Exception as exc:  # noqa: BLE001 - re-raised plainly below
-            failures.append(exc)
-            scope.cancel()
+    async def one(i: int) -> None:
+        async with res.download_slots:
+            placed[i] = await res.retry_download(
+                _fetch_one, res, urls[i], directory, stems[i], overwrite
+            )
 
     try:
-        async with anyio.create_task_group() as tg:
-            for i in range(len(urls)):
-                tg.start_soon(one, i, tg.cancel_scope)
-        if failures:
-            # All or nothing; and the caller sees our error, not an ExceptionGroup.
-            raise failures[0]
+        # All or nothing: the first failure stops the rest, and undoes what was placed.
+        await all_or_first_error([functools.partial(one, i) for i in range(len(urls))])
     except BaseException:
         with anyio.CancelScope(shield=True):
             for path in placed:
@@ -195,7 +195,7 @@ async def _fetch_to(res: Resources, url: str, tmp: anyio.Path) -> str:
                 location = streamed.headers.get("location")
                 if streamed.status in _REDIRECTS and location:
                     url = str(httpx.URL(url).join(location))
-                    _check_scheme(url)
+                    _check_url(url)
                     continue
                 return await _stream_to(streamed, tmp, res.max_download, url)
     raise APIResponseValidationError(
@@ -212,12 +212,7 @@ async def _stream_to(streamed: Streamed, tmp: anyio.Path, max_bytes: int, url: s
             message += " (the URL may have expired; results live about 24 h)"
         kw: dict[str, Any] = {"status_code": status, "headers": streamed.headers}
         raise cls(message, **kw)
-    declared = streamed.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > max_bytes:
-        raise APIResponseValidationError(
-            f"result image of {int(declared)} bytes exceeds the {max_bytes}-byte cap",
-            status_code=status,
-        )
+    check_declared(streamed.headers, status, max_bytes)
     content_type: str | None = None
     size = 0
     async with await anyio.open_file(tmp, "wb") as fh:

@@ -94,6 +94,7 @@ class HttpCore:
             else {**self._default_headers, **self._auth},
             content,
             timeout or self.timeout,
+            True,
         )
         telemetry = self.telemetry
         if telemetry is None:

@@ -49,6 +49,7 @@ from ._exceptions import (
 from ._parsing import parse_submit, parse_task, parse_upload
 from ._polling import PollSchedule, RateLimiter
 from ._retry import Retrier, is_ambiguous, is_transient, submit_retryable
+from ._runtime import all_or_first_error
 from ._submits import Flight, SubmitKeeper
 from ._transport import request_deadline
 from ._uploads import UploadCache, multipart_body, multipart_parts, prepare_image
@@ -359,19 +360,11 @@ async def _upload_references(res: Resources, job: Job) -> None:
         position, image = prepared[0]
         entries[position] = await _upload_reference(res, job, image)
     else:
-        failures: list[Exception] = []
 
         async def one(position: int, image: PreparedImage) -> None:
-            try:
-                entries[position] = await _upload_reference(res, job, image)
-            except Exception as exc:  # noqa: BLE001 - raised plainly below
-                failures.append(exc)
+            entries[position] = await _upload_reference(res, job, image)
 
-        async with anyio.create_task_group() as tg:
-            for position, image in prepared:
-                tg.start_soon(one, position, image)
-        if failures:
-            raise failures[0]  # the caller sees our error, never an ExceptionGroup
+        await all_or_first_error([functools.partial(one, p, i) for p, i in prepared])
     job.timings["upload"] = now() - t0
     job.request = request._with_uploaded(entries)  # pyright: ignore[reportPrivateUsage]
 
@@ -482,11 +475,14 @@ class _CallerGone(Exception):
 async def _send_submit(res: Resources, content: bytes, flight: Flight) -> Task:
     """Every attempt of one submit, in the keeper; a definite task or a typed error."""
     try:
-        data = await res.retry_submit(_submit_attempt, res, content, flight)
-    except ApimartError as exc:
-        if not is_ambiguous(exc):
+        subject = f"idempotency key {flight.key}"
+        data = await res.retry_submit(_submit_attempt, res, content, flight, subject=subject)
+    except (ApimartError, _CallerGone) as exc:
+        # Uncertainty sticks: once an attempt may have created a task, a later attempt
+        # that provably did nothing (or was never made) proves nothing about it.
+        if not (flight.maybe_created or isinstance(exc, ApimartError) and is_ambiguous(exc)):
             raise
-        raise _uncertain(res, flight, str(exc)) from exc
+        raise _uncertain(res, flight, str(exc) or "its caller left before the retry") from exc
     try:
         task_id, status, raw = parse_submit(data)
     except APIResponseValidationError as exc:
@@ -511,7 +507,12 @@ async def _submit_attempt(res: Resources, content: bytes, flight: Flight) -> Any
         "Idempotency-Key": flight.key,
         "X-APIMart-Response-Version": _config.RESPONSE_VERSION,
     }
-    return await res.http.request_json("POST", SUBMIT_PATH, content, headers)
+    try:
+        return await res.http.request_json("POST", SUBMIT_PATH, content, headers)
+    except ApimartError as exc:
+        if is_ambiguous(exc):
+            flight.maybe_created = True
+        raise
 
 
 def _uncertain(res: Resources, flight: Flight, reason: str) -> SubmissionUncertainError:
@@ -543,20 +544,15 @@ def task_path(task_id: str) -> str:
     return "/v1/tasks/" + quote(checked_task_id(task_id), safe="").replace(".", "%2E")
 
 
-async def query(res: Resources, path: str) -> Task:
+async def query(res: Resources, task_id: str) -> Task:
     """One task query, budgeted and retried (every attempt draws from the budget)."""
-    return await res.retry_query(_query_attempt, res, path)
+    return await res.retry_query(_query_attempt, res, task_path(task_id), subject=f"task {task_id}")
 
 
 async def _query_attempt(res: Resources, path: str) -> Task:
-    budget = res.poll_budget
-    await budget.acquire()
+    await res.poll_budget.acquire()
     if not _take(res.poll_slots):
-        try:
-            await res.poll_slots.acquire()
-        except BaseException:  # cancelled before the query was sent: the slot goes back
-            budget.release()
-            raise
+        await res.poll_slots.acquire()
     try:
         return parse_task(await res.http.request_json("GET", path))
     finally:
@@ -579,7 +575,7 @@ async def poll_once(res: Resources, job: Job) -> float | None:
         job.polls += 1
         try:
             with _stage(res, job, "apimart.poll"):
-                current = await query(res, task_path(last.id))
+                current = await query(res, last.id)
         except ApimartError as exc:
             if not is_transient(exc):
                 raise
@@ -699,5 +695,14 @@ async def fail(job: Job, error: Exception) -> Task | None:
     if job.on_event is not None:
         event = FailedEvent(error, task_id, now() - job.started, job.index)
         with anyio.CancelScope(shield=True):
-            await emit(job.on_event, event)
+            try:
+                await emit(job.on_event, event)
+            except Exception:  # the job's own error wins
+                logger.warning("on_event raised on the FailedEvent of %s", job, exc_info=True)
     return task
+
+
+def abandon(res: Resources, job: Job, why: str) -> None:
+    """Its caller will not hear of the job's task (*why*): the client keeps it."""
+    if job.task is not None:
+        res.keeper.adopt(job.task, job.key, why)

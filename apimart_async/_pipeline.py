@@ -249,9 +249,10 @@ class Pipeline:
         self._ready: deque[Job] = deque()  # due now, for the next free poll worker
         self._idle: deque[anyio.Event] = deque()  # one per idle poll worker
         self._group: anyio.abc.TaskGroup | None = None
+        self._closing = False  # set before the group is cancelled: start nothing more
         self._send: MemoryObjectSendStream[Outcome] | None = None
-        # Jobs with an open pipeline span (telemetry only), ended here if cancelled.
-        self._live: set[Job] | None = set() if res.telemetry is not None else None
+        # Jobs pulled and not settled: what a run cut short must account for.
+        self._live: set[Job] = set()
         # The spending side: what each admitted job reserved, and what stopped submits.
         self.budget = budget
         self._admitted: dict[Job, tuple[str, int, float | None]] = {}
@@ -283,15 +284,14 @@ class Pipeline:
                 except BaseException as exc:  # noqa: BLE001 - re-raised below
                     body_error = exc
                 finally:
+                    self._closing = True
                     tg.cancel_scope.cancel()
             if body_error is not None:
                 raise body_error
         finally:
+            self._untaken(receive)
             receive.close()
-            if self._live:  # cancelled with jobs under way
-                for job in self._live:
-                    _jobs.close_span(self._res, job, "cancelled")
-                self._live.clear()
+            self._cut_short()
         if source.error is not None:
             raise source.error
 
@@ -300,11 +300,15 @@ class Pipeline:
     ) -> None:
         self._send = send
         try:
-            async with send, anyio.create_task_group() as group:
-                self._group = group
-                group.start_soon(self._schedule)
-                self._starters = 1
-                group.start_soon(self._starter, source, slots)
+            async with send:
+                try:
+                    async with anyio.create_task_group() as group:
+                        self._group = group
+                        group.start_soon(self._schedule)
+                        self._starters = 1
+                        group.start_soon(self._starter, source, slots)
+                finally:
+                    self._group = None  # no task starts any more (a late push finds no one)
         finally:
             await source.aclose()
 
@@ -312,6 +316,7 @@ class Pipeline:
         # Everything pulled is settled and no starter will pull again: stop the
         # scheduler and idle workers, which closes the outcome stream.
         if self._starters == 0 and self._active == 0 and self._group is not None:
+            self._closing = True
             self._group.cancel_scope.cancel()
 
     # -- starting: pull, upload, submit -------------------------------------------
@@ -350,9 +355,8 @@ class Pipeline:
                     and request.webhook == self._pushes.receiver.webhook_url
                 ):
                     job.pushes = self._pushes
-            if self._live is not None:
-                _jobs.open_span(self._res, job, "apimart.job")
-                self._live.add(job)
+            self._live.add(job)
+            _jobs.open_span(self._res, job, "apimart.job")
             if not known:
                 if self.stop is not None:  # nothing of this job is even uploaded
                     raise self._stopped()
@@ -370,6 +374,30 @@ class Pipeline:
             self._wait(job, delay)
         else:
             await self._poll_due(job)
+
+    def _untaken(self, receive: MemoryObjectReceiveStream[Outcome]) -> None:
+        """Outcomes settled but never taken (the caller left early): their tasks, paid
+        and maybe with results, are the client's now."""
+        while True:
+            try:
+                outcome = receive.receive_nowait()
+            except (anyio.WouldBlock, anyio.EndOfStream, anyio.ClosedResourceError):
+                return
+            task = outcome.task
+            if task is not None and task.status not in (TaskStatus.FAILED, TaskStatus.CANCELLED):
+                self._res.keeper.adopt(
+                    task,
+                    outcome.idempotency_key or "",
+                    "generate_many ended before this outcome was taken",
+                )
+
+    def _cut_short(self) -> None:
+        """The run ended with jobs under way (left early, cancelled, fail_fast)."""
+        for job in self._live:
+            _jobs.unlisten(job)  # a late push finds no job, and no finished task group
+            _jobs.abandon(self._res, job, "generate_many ended before this job's outcome")
+            _jobs.close_span(self._res, job, "cancelled")
+        self._live.clear()
 
     def _request(self, item: Any) -> BaseImageRequest:
         request = (
@@ -459,6 +487,8 @@ class Pipeline:
         elif task is None and not isinstance(error, SubmissionUncertainError):
             self.budget.release(*admitted)  # refused: nothing was created
         else:  # uncertain, or still running at the deadline: it may yet cost
+            model, _, estimate = admitted
+            self.budget.unresolved(model, estimate)
             self.cost_unknown += 1
 
     # -- waiting: the scheduler and the poll workers ------------------------------
@@ -473,11 +503,20 @@ class Pipeline:
 
     def _pushed(self, job: Job) -> None:
         """Its result was pushed: a job waiting in the heap is due now."""
+        if self._closing or self._group is None:
+            # The run is ending: a task started now could miss the cancellation and
+            # keep the group open forever; the run's end accounts for the job.
+            return
         if job.queued:  # else a task is busy with it and will see the push
             job.queued = False
             job.version += 1  # its heap entry is now stale
             self._ready.append(job)
-            self._dispatch()
+            try:
+                self._dispatch()
+            except RuntimeError:
+                # The group is closing (trio refuses new tasks once every child has
+                # ended, before its host task resumes): the run's end accounts for it.
+                pass
 
     def _dispatch(self) -> None:
         """Wake (or start) a poll worker for each job ready now, up to the limit."""
@@ -533,8 +572,10 @@ class Pipeline:
     async def _poll(self, job: Job) -> float | None:
         """One query: the delay until the next, or None once the job is settled."""
         res = self._res
-        # A query that cannot outlive the deadline (bar a wait for one of the client's
-        # poll slots held by other batches) needs no cancel scope.
+        # A query that cannot outlive the deadline needs no cancel scope. That bound
+        # is the request's own time and its retries; waiting for the poll budget or a
+        # poll slot shared with other batches can add to it, and a job whose deadline
+        # passes meanwhile settles as timed out at its next turn.
         scope = None
         if job.deadline - now() <= self._poll_bound:
             scope = anyio.CancelScope(deadline=job.deadline)
@@ -584,17 +625,21 @@ class Pipeline:
         self._active -= 1
         self._account(job, outcome)
         _jobs.unlisten(job)
-        if self._live is not None:
-            self._live.discard(job)
-            _jobs.close_span(self._res, job, outcome.error)
+        self._live.discard(job)
+        _jobs.close_span(self._res, job, outcome.error)
         try:
             self._send.send_nowait(outcome)
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             pass  # the caller has left; the run is being cancelled
         if self._fail_fast and outcome.error is not None and self._group is not None:
+            self._closing = True
             self._group.cancel_scope.cancel()
         self._end_if_done()
 
     def _spawn(self, func: Callable[..., Any], *args: Any) -> None:
+        # Once the run is ending nothing new starts: a task started then could miss
+        # the cancellation and hold the group open.
+        if self._closing:
+            return
         assert self._group is not None
         self._group.start_soon(func, *args)

@@ -19,6 +19,8 @@ their sleep.
 
 from __future__ import annotations
 
+import heapq
+import math
 from typing import TYPE_CHECKING
 
 import anyio
@@ -116,43 +118,45 @@ class RateLimiter:
 
     ``acquire`` reserves the next free slot (virtual scheduling) and sleeps until it;
     there is no queue to drain and no background task. A caller cancelled while
-    sleeping gives its slot back, and so does one that ``release``s a slot it could not
-    use, so cancelled pollers never make the next ones wait longer.
+    waiting for its slot gives it back: the next caller takes it, so cancelled pollers
+    never make the others wait longer, and the budget is never exceeded (a freed slot
+    is reused at its own time, never earlier).
     """
 
-    __slots__ = ("_burst", "_interval", "_next")
+    __slots__ = ("_burst", "_freed", "_interval", "_next")
 
     def __init__(self, rate: float, burst: int) -> None:
         self._interval = 1.0 / rate
         self._burst = burst
         self._next = float("-inf")
-
-    @property
-    def rate(self) -> float:
-        """Requests per second granted on average."""
-        return 1.0 / self._interval
+        self._freed: list[float] = []  # future slots given back, earliest first
 
     def reserve(self, current: float) -> float:
-        """Reserve the next slot at loop time *current*; return how long until it."""
+        """Reserve a slot at loop time *current*; return it (a time, maybe in the past)."""
+        freed = self._freed
+        while freed:
+            slot = heapq.heappop(freed)
+            if slot >= current:  # a freed slot still ahead: the earliest one is ours
+                return slot
         # Unused capacity accumulates only up to the burst size.
         slot = max(self._next, current - (self._burst - 1) * self._interval)
         self._next = slot + self._interval
-        return max(0.0, slot - current)
+        return slot
 
     async def acquire(self) -> None:
         """Wait for this caller's slot."""
-        delay = self.reserve(now())
-        if delay > 0:
+        current = now()
+        slot = self.reserve(current)
+        if slot > current:
             try:
-                await anyio.sleep(delay)
+                await anyio.sleep(slot - current)
             except BaseException:  # cancelled, natively too: the slot goes back
-                self.release()
+                self.release(slot)
                 raise
 
-    def release(self) -> None:
-        """Give back a slot that was not used for a request.
-
-        Everyone queued keeps their slot; the next caller takes the freed one. At
-        worst two requests then share an instant, which the burst allows anyway.
-        """
-        self._next -= self._interval
+    def release(self, slot: float) -> None:
+        """Give back *slot*, reserved but not used for a request."""
+        if math.isclose(slot + self._interval, self._next):
+            self._next = slot  # the latest reservation: simply not made
+        else:
+            heapq.heappush(self._freed, slot)

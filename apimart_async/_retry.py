@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextvars
 import logging
 import random
-from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 
@@ -54,7 +54,6 @@ __all__ = [
 logger = logging.getLogger("apimart_async.retry")
 
 T = TypeVar("T")
-P = ParamSpec("P")
 
 # How many attempts of the call under way came before this one (0 on the first).
 _RESENDS: contextvars.ContextVar[int] = contextvars.ContextVar("apimart_resends", default=0)
@@ -130,6 +129,11 @@ class Retrier:
 
     __slots__ = ("_policy", "_random", "_retryable", "telemetry", "what")
 
+    @property
+    def attempts(self) -> int:
+        """Attempts in all, the first included."""
+        return self._policy.attempts
+
     def __init__(
         self,
         policy: RetryPolicy,
@@ -143,9 +147,12 @@ class Retrier:
         self.what = what
         self.telemetry = telemetry
 
-    async def __call__(self, fn: Callable[P, Awaitable[T]], /, *args: P.args, **kw: P.kwargs) -> T:
+    async def __call__(
+        self, fn: Callable[..., Awaitable[T]], /, *args: Any, subject: str | None = None
+    ) -> T:
+        """``fn(*args)``, retried; *subject* names what it concerns in the log (a task)."""
         try:
-            return await fn(*args, **kw)
+            return await fn(*args)
         except Exception as exc:
             if not self._retryable(exc) or self._policy.attempts < 2:
                 raise
@@ -153,7 +160,7 @@ class Retrier:
 
             if not stamina.is_active():
                 raise
-            attempts = _Attempts(self)
+            attempts = _Attempts(self, subject)
             first_wait = attempts.wait_after(exc)
             if first_wait is None:
                 raise
@@ -172,7 +179,7 @@ class Retrier:
                 wait_max=policy.wait_max,
                 wait_jitter=policy.wait_jitter,
             )(fn)
-            return await retrying(*args, **kw)
+            return await retrying(*args)
         finally:
             _RESENDS.set(0)
 
@@ -196,21 +203,25 @@ class Retrier:
 class _Attempts:
     """One call's retry state, created at its first retryable failure."""
 
-    __slots__ = ("_failures", "_retrier")
+    __slots__ = ("_failures", "_retrier", "_subject")
 
-    def __init__(self, retrier: Retrier) -> None:
+    def __init__(self, retrier: Retrier, subject: str | None) -> None:
         self._retrier = retrier
+        self._subject = subject
         self._failures = 0
 
     def wait_after(self, exc: Exception) -> float | None:
-        """The wait before the next attempt, or None if it would pass the deadline."""
+        """The wait before the next attempt, or None if there is none to make (the
+        attempts are spent, or the wait would pass the caller's deadline)."""
         self._failures += 1
-        wait = self._retrier.backoff(self._failures, exc)
+        retrier = self._retrier
+        if self._failures >= retrier.attempts:
+            return None  # stamina asks even after the last attempt: no retry to log
+        wait = retrier.backoff(self._failures, exc)
         # Sleeping past the caller's deadline would only turn a clear error into a timeout.
         if wait >= anyio.current_effective_deadline() - anyio.current_time():
             return None
-        retrier = self._retrier
-        _log_retry(retrier, self._failures + 1, wait, exc)
+        _log_retry(retrier, self._subject, self._failures + 1, wait, exc)
         if retrier.telemetry is not None:
             retrier.telemetry.retry(retrier.what, self._failures + 1, wait, exc)
         _RESENDS.set(self._failures)
@@ -224,19 +235,30 @@ class _Attempts:
         return False if wait is None else wait
 
 
-def _log_retry(retrier: Retrier, attempt: int, wait: float, exc: Exception) -> None:
+def _log_retry(
+    retrier: Retrier, subject: str | None, attempt: int, wait: float, exc: Exception
+) -> None:
     if not logger.isEnabledFor(logging.INFO):
         return
-    request_id = getattr(exc, "request_id", None)
+    request_id: str | None = getattr(exc, "request_id", None)
+    reason = _reason(exc)
     logger.info(
-        "retrying %s, attempt %d of %d in %.2fs: %s%s",
+        "retrying %s%s, attempt %d of %d in %.2fs: %s%s",
         retrier.what,
+        f" of {subject}" if subject else "",
         attempt,
-        retrier._policy.attempts,  # pyright: ignore[reportPrivateUsage]
+        retrier.attempts,
         wait,
-        _reason(exc),
-        f" (request id {request_id})" if request_id else "",
-        extra={"apimart.call": retrier.what, "apimart.attempt": attempt, "apimart.wait": wait},
+        reason,
+        # The service puts the request id in its message; name it once.
+        f" (request id {request_id})" if request_id and request_id not in reason else "",
+        extra={
+            "apimart.call": retrier.what,
+            "apimart.subject": subject,
+            "apimart.attempt": attempt,
+            "apimart.wait": wait,
+            "apimart.request_id": request_id,
+        },
     )
 
 

@@ -13,15 +13,18 @@ Two things cannot be expressed through it:
 
 from __future__ import annotations
 
+import contextvars
 import sys
 from typing import TYPE_CHECKING, Any
+
+import anyio
 
 from ._clock import running_asyncio_loop
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Sequence
 
-__all__ = ["current_loop", "loop_mismatch", "spawn_detached"]
+__all__ = ["all_or_first_error", "current_loop", "loop_mismatch", "spawn_detached"]
 
 
 def current_loop() -> object:
@@ -56,5 +59,31 @@ def spawn_detached(fn: Callable[[], Awaitable[None]]) -> object:
     if loop is not None:
         return loop.create_task(fn())
     trio: Any = sys.modules["trio"]
-    trio.lowlevel.spawn_system_task(fn)
+    # A system task starts from an empty context; the caller's (log correlation ids,
+    # tracing) goes with it, as asyncio's create_task does by itself.
+    trio.lowlevel.spawn_system_task(fn, context=contextvars.copy_context())
     return fn
+
+
+async def all_or_first_error(calls: Sequence[Callable[[], Awaitable[None]]]) -> None:
+    """Run *calls* concurrently; at the first failure cancel the rest and raise it.
+
+    The caller sees that error itself, never an ``ExceptionGroup`` (a ``SystemExit``
+    from a callback included); cancellation from outside propagates as usual.
+    """
+    failures: list[BaseException] = []
+    async with anyio.create_task_group() as tg:
+
+        async def one(call: Callable[[], Awaitable[None]]) -> None:
+            try:
+                await call()
+            except BaseException as exc:
+                if isinstance(exc, anyio.get_cancelled_exc_class()):
+                    raise
+                failures.append(exc)
+                tg.cancel_scope.cancel()
+
+        for call in calls:
+            tg.start_soon(one, call)
+    if failures:
+        raise failures[0]

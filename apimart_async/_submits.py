@@ -61,6 +61,7 @@ class Flight:
         "error",
         "job",
         "key",
+        "maybe_created",
         "on_event",
         "release",
         "scope",
@@ -88,6 +89,7 @@ class Flight:
         self.task: Task | None = None
         self.error: BaseException | None = None
         self.abandoned = False
+        self.maybe_created = False  # an attempt may have created a task
         self.deadline = float("inf")
         self.scope: anyio.CancelScope | None = None
 
@@ -135,6 +137,24 @@ class SubmitKeeper:
         tasks = list(self._orphans.values())
         self._orphans.clear()
         return tasks
+
+    def adopt(self, task: Task, key: str, why: str) -> None:
+        """Keep *task*, which its caller will not hear of (*why*): log it, hold it."""
+        self._orphans[task.id] = task
+        while len(self._orphans) > MAX_ORPHANS:
+            dropped, _ = self._orphans.popitem(last=False)
+            logger.warning(
+                "orphaned task %s dropped: more than %d uncollected", dropped, MAX_ORPHANS
+            )
+        logger.warning(
+            "%s: task %s (idempotency key %s) goes on at the service; collect it with "
+            "client.orphaned_tasks() or client.wait(%r)",
+            why,
+            task.id,
+            key,
+            task.id,
+            extra={"apimart.task_id": task.id, "apimart.idempotency_key": key},
+        )
 
     async def aclose(self) -> None:
         """Give in-flight submits up to ``shield`` seconds; return once all have ended."""
@@ -193,19 +213,23 @@ class SubmitKeeper:
             flight.limit(now() + self.shield)
         else:
             # It ended just as the caller was cancelled: the caller never took it.
-            spawn_detached(functools.partial(self._report, flight))
+            # Tracked like a flight, so closing the client waits for this report too.
+            self._flights[flight] = spawn_detached(functools.partial(self._late_report, flight))
+
+    async def _late_report(self, flight: Flight) -> None:
+        try:
+            with anyio.CancelScope(shield=True):
+                await self._report(flight)
+        finally:
+            self._flights.pop(flight, None)
+            if not self._flights and self._idle is not None:
+                self._idle.set()
 
     async def _report(self, flight: Flight) -> None:
+        """Report a submit whose caller left: never raises (this is the client's task)."""
         task, error = flight.task, flight.error
         if task is not None:
-            self._orphans[task.id] = task
-            while len(self._orphans) > MAX_ORPHANS:
-                dropped, _ = self._orphans.popitem(last=False)
-                logger.warning(
-                    "orphaned task %s dropped: more than %d uncollected", dropped, MAX_ORPHANS
-                )
-        if task is not None:
-            _log(flight)
+            self.adopt(task, flight.key, "a submit finished after its caller was cancelled")
         if flight.on_event is None or (
             task is None and not isinstance(error, SubmissionUncertainError)
         ):
@@ -218,23 +242,17 @@ class SubmitKeeper:
         )
         try:
             await emit(flight.on_event, event)
-        except Exception:
+        except BaseException as exc:
+            if isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            # SystemExit too: nobody is left to raise it to, and on trio it would end
+            # the whole run.
             logger.warning("on_event raised while reporting an orphaned submit", exc_info=True)
 
 
 def _log(flight: Flight) -> None:
-    task, error = flight.task, flight.error
-    if task is not None and flight.abandoned:
-        logger.warning(
-            "submit finished after its caller was cancelled: task %s was created "
-            "(idempotency key %s); collect it with client.orphaned_tasks() or "
-            "client.wait(%r)",
-            task.id,
-            flight.key,
-            task.id,
-            extra={"apimart.task_id": task.id, "apimart.idempotency_key": flight.key},
-        )
-    elif isinstance(error, SubmissionUncertainError):
+    error = flight.error
+    if isinstance(error, SubmissionUncertainError):
         logger.warning(
             "submit cut short, its outcome is unknown (%s): a task may exist; "
             "resubmit only with idempotency key %s",

@@ -234,6 +234,11 @@ class Apimart:
         """The schedule ``wait`` uses."""
         return self._client.poll_policy
 
+    @property
+    def transport_backend(self) -> Backend:
+        """The transport chosen at construction (see ``AsyncApimart``)."""
+        return self._client.transport_backend
+
     def orphaned_tasks(self) -> list[Task]:
         """Take the tasks whose submit finished after its caller was interrupted.
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["Telemetry"]
 
 _SCOPE = "apimart_async"
+_UNTRACED = object()  # a job's "span" when only metrics are recorded
 _UNSET_PROVIDERS = frozenset(
     {"ProxyTracerProvider", "NoOpTracerProvider", "_ProxyMeterProvider", "NoOpMeterProvider"}
 )
@@ -125,7 +126,7 @@ class Telemetry:
         if self._in_flight is not None:
             self._in_flight.add(1)
         if self.tracer is None:
-            return None
+            return _UNTRACED  # metrics only: still a job to end
         attributes: dict[str, Any] = {
             "gen_ai.operation.name": "image_generation",
             "gen_ai.provider.name": "apimart",
@@ -157,7 +158,7 @@ class Telemetry:
             self._duration.record(seconds, attributes)
             if polls:
                 self._polls.record(polls, {"gen_ai.request.model": model or ""})
-        if span is None:
+        if span is None or span is _UNTRACED:
             return
         if task is not None:
             span.set_attribute("apimart.task.id", task.id)
@@ -175,7 +176,9 @@ class Telemetry:
         if self.tracer is None:
             yield None
             return
-        context = self._trace.set_span_in_context(parent) if parent is not None else None
+        context = None
+        if parent is not None and parent is not _UNTRACED:
+            context = self._trace.set_span_in_context(parent)
         with self.tracer.start_as_current_span(
             name, context=context, attributes=attributes, record_exception=False
         ) as span:
@@ -273,6 +276,10 @@ class Telemetry:
         from opentelemetry.trace import Status, StatusCode
 
         kind = exc if isinstance(exc, str) else type(exc).__name__
+        if kind == "cancelled" or "Cancel" in kind and not isinstance(exc, Exception):
+            # The caller went away: not a failure of the job (the status stays unset).
+            span.set_attribute("apimart.outcome", "cancelled")
+            return
         if not isinstance(exc, str):
             span.record_exception(exc)
         span.set_attribute("error.type", kind)

@@ -54,6 +54,7 @@ __all__ = [
     "Request",
     "Streamed",
     "Transport",
+    "carries_request",
     "check_declared",
     "guarded",
     "mapped",
@@ -67,13 +68,22 @@ Backend = Literal["auto", "aiohttp", "httpx"]
 
 
 class Request(NamedTuple):
-    """One request as the seam sees it; *headers* are complete (auth included)."""
+    """One request as the seam sees it; *headers* are complete (auth included).
+
+    *api* is True for requests to the API origin (``HttpCore`` builds those): only they
+    may carry credentials, ours or a borrowed client's.
+    """
 
     method: str
     url: str
     headers: dict[str, str]
     content: bytes | AsyncIterable[bytes] | None
     timeout: httpx.Timeout
+    api: bool = False
+
+    def __repr__(self) -> str:
+        # Never the headers: they hold the key.
+        return f"Request({self.method} {self.url})"
 
 
 class Exchange(NamedTuple):
@@ -302,15 +312,24 @@ async def guarded(
         async for chunk in chunks:
             yield chunk
     except catch as exc:
-        raise mapped(exc, request) from exc
+        raise mapped(exc, request) from (None if carries_request(exc) else exc)
 
 
 def mapped(exc: BaseException, request: Request) -> ApimartError:
-    """``network_error`` for a failure the caller knows is a network failure."""
+    """``network_error`` for a failure the caller knows is a network failure.
+
+    Raise it ``from exc`` only when ``carries_request(exc)`` is False: a foreign error
+    holding the request (aiohttp's ``request_info``) holds its headers, and the key.
+    """
     error = network_error(exc, request.method, request.url)
     if error is None:  # e.g. an httpx.HTTPError that is not a RequestError
         return APIConnectionError(_describe(exc), method=request.method, url=request.url, sent=True)
     return error
+
+
+def carries_request(exc: BaseException) -> bool:
+    """Whether *exc* holds our request's headers (so it must not become a ``__cause__``)."""
+    return getattr(exc, "request_info", None) is not None
 
 
 class HttpxTransport(_HttpxBase):
@@ -344,16 +363,15 @@ class ClientTransport(_HttpxBase):
     Redirects are never followed here; the download code follows them itself.
     """
 
-    __slots__ = ("_api_origin", "_client", "_owned")
+    __slots__ = ("_client", "_owned")
 
-    def __init__(self, client: httpx.AsyncClient, *, api_origin: str, owned: bool) -> None:
+    def __init__(self, client: httpx.AsyncClient, *, owned: bool) -> None:
         self._client = client
-        self._api_origin = api_origin
         self._owned = owned
 
     async def _send(self, request: Request) -> httpx.Response:
         client = self._client
-        if request.url.startswith(self._api_origin):
+        if request.api:
             built = client.build_request(
                 request.method,
                 request.url,
@@ -401,13 +419,6 @@ class AutoTransport:
         self._backend = backend
         self._chosen: Transport | None = None
 
-    @property
-    def chosen(self) -> str | None:
-        """``"aiohttp"`` or ``"httpx"`` once chosen; None before the first request."""
-        if self._chosen is None:
-            return None
-        return "httpx" if isinstance(self._chosen, HttpxTransport) else "aiohttp"
-
     def _choose(self) -> Transport:
         on_asyncio = _on_asyncio()
         if self._backend == "aiohttp" and not on_asyncio:
@@ -447,7 +458,6 @@ def open_transport(
     backend: Backend,
     http_client: httpx.AsyncClient | None,
     transport: httpx.AsyncBaseTransport | None,
-    api_origin: str,
 ) -> Transport:
     """The transport a client's settings ask for; see the module docstring.
 
@@ -470,12 +480,12 @@ def open_transport(
             "transport_backend='aiohttp' needs aiohttp: pip install 'apimart-async[fast]'"
         )
     if http_client is not None:
-        return ClientTransport(http_client, api_origin=api_origin, owned=False)
+        return ClientTransport(http_client, owned=False)
     if transport is not None:
         return HttpxTransport(transport, owned=True)
     pool = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
     if backend != "aiohttp" and proxy_from_env():
         # httpx builds proxy-aware pools from the environment (aiohttp would not).
         client = httpx.AsyncClient(limits=pool, trust_env=True, follow_redirects=False)
-        return ClientTransport(client, api_origin=api_origin, owned=True)
+        return ClientTransport(client, owned=True)
     return AutoTransport(pool, backend)

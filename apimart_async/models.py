@@ -382,15 +382,15 @@ class _RequestMeta(_PydanticMeta):
     """Built directly (``Gemini3ProImageRequest(n=5)``), a model fails with the same
     ``InvalidRequestError`` as ``parse_request``, not pydantic's raw error.
 
-    On the metaclass, so that only direct construction passes here (``model_validate``
-    does not), and type checkers keep pydantic's typed, per-field constructor.
+    On the metaclass, so that type checkers keep pydantic's typed, per-field
+    constructor. (``model_validate*`` are converted by ``BaseImageRequest``.)
     """
 
     def __call__(cls, *args: Any, **kwargs: Any) -> Any:
         try:
             return super().__call__(*args, **kwargs)
         except ValidationError as exc:
-            raise _convert(cast("type[BaseModel]", cls), kwargs.get("model"), exc) from None
+            raise _convert(cast("type[BaseModel]", cls), kwargs.get("model"), exc) from exc
 
 
 class BaseImageRequest(BaseModel, metaclass=_RequestMeta):
@@ -419,6 +419,23 @@ class BaseImageRequest(BaseModel, metaclass=_RequestMeta):
     image_urls: Sequence[_ImageEntry] | None = None
     webhook: str | None = Field(default=None, strict=True)
     language: _Language | None = None
+
+    if not TYPE_CHECKING:  # type checkers keep pydantic's signatures
+
+        @classmethod
+        def model_validate(cls, obj, *args, **kwargs):
+            try:
+                return super().model_validate(obj, *args, **kwargs)
+            except ValidationError as exc:
+                model = obj.get("model") if isinstance(obj, Mapping) else None
+                raise _convert(cls, model, exc) from exc
+
+        @classmethod
+        def model_validate_json(cls, json_data, *args, **kwargs):
+            try:
+                return super().model_validate_json(json_data, *args, **kwargs)
+            except ValidationError as exc:
+                raise _convert(cls, None, exc) from exc
 
     @field_validator("prompt")
     @classmethod

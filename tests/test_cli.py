@@ -153,7 +153,7 @@ def _submit(fake: FakeApimart) -> str:
 
 def test_task_shows_waits_and_downloads(tmp_path: Path) -> None:
     """task shows the status; --wait waits for the end; --download saves the images."""
-    clock = ManualClock()  # the task runs only when the test says so
+    clock = ManualClock()  # the task runs until the test moves the clock: no race
     fake = FakeApimart(latency=Latency.fixed(2.0, time_scale=0.01), clock=clock)
     task_id = _submit(fake)
     ran = cli("task", task_id, fake=fake)

@@ -625,15 +625,21 @@ def test_raw_instance_stays_raw_when_merged() -> None:
 
 
 def test_direct_construction_raises_a_value_error() -> None:
-    """Building a class directly raises pydantic's ValidationError, a ValueError."""
-    with pytest.raises(ValueError, match="resolution"):
+    """Building a class directly raises InvalidRequestError (a ValueError), as
+    parse_request does; pydantic's error is its cause."""
+    with pytest.raises(InvalidRequestError, match="resolution") as info:
         Gemini25FlashImageRequest(
             model="gemini-2.5-flash-image-preview",
             prompt="p",
             resolution="2K",  # type: ignore[arg-type]
         )
-    with pytest.raises(ValueError, match="model"):
+    assert isinstance(info.value.__cause__, ValidationError)
+    with pytest.raises(InvalidRequestError, match="model"):
         Imagen4Request(model="flux-kontext-pro", prompt="p")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequestError, match="n: must be between 1 and 4"):
+        Gemini3ProImageRequest.model_validate(
+            {"model": "gemini-3-pro-image-preview", "prompt": "p", "n": 9}
+        )
 
 
 def test_models_are_frozen() -> None:

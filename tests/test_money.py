@@ -239,3 +239,22 @@ async def test_a_401_stops_submitting_at_once(client_for: ClientFor) -> None:
     assert all(isinstance(o.error, am.AuthenticationError) for o in outcomes)
     assert fake.stats.submits <= 4
     assert isinstance(stream.stopped, am.AuthenticationError)
+
+
+async def test_an_unpriced_probe_that_never_settles_does_not_hold_up_its_model(
+    client_for: ClientFor,
+) -> None:
+    """The first job of an unpriced model times out still running: the next job of
+    that model becomes the probe instead of waiting forever."""
+    fake = FakeApimart(api_key=KEY, latency=Latency.fixed(0.02))
+    fake.script("submit", [None])  # the first task is created normally
+    stuck = Faults(task_stuck=1.0)
+    async with client_for(fake) as client:
+        fake.faults = stuck  # the first task never finishes
+        first = client.generate_many(jobs(1), timeout=0.3, max_cost=10.0)
+        async with first as stream:
+            (outcome,) = [o async for o in stream]
+            assert isinstance(outcome.error, am.TaskTimeoutError)
+        fake.faults = Faults()
+        outcomes, _ = await run(client, jobs(3), concurrency=3, timeout=5.0, max_cost=10.0)
+    assert all(o.ok for o in outcomes)

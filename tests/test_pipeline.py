@@ -339,3 +339,22 @@ async def test_system_exit_from_an_event_handler_during_a_submit(client: AsyncAp
     with pytest.raises(SystemExit):
         await client.generate(model=GEM, prompt="x", on_event=handler)
     assert (await client.generate(model=GEM, prompt="still works")).status.is_terminal
+
+
+async def test_a_handler_failing_on_failed_events_loses_no_outcome(client_for: ClientFor) -> None:
+    """A broken progress callback: every job still gets its outcome, with its task."""
+    from apimart_async.testing import Faults
+
+    events: list[str] = []
+
+    def handler(event: am.Event) -> None:
+        events.append(event.kind)
+        if event.kind == "failed":
+            raise RuntimeError("bug in my progress bar")
+
+    fake = FakeApimart(api_key="test-key", faults=Faults(task_failure=1.0))
+    async with client_for(fake) as failing:
+        outcomes = await collect(failing, requests(10), on_event=handler)
+    assert len(outcomes) == 10
+    assert all(isinstance(o.error, am.TaskFailedError) and o.task for o in outcomes)
+    assert events.count("failed") == 10

@@ -59,21 +59,36 @@ def test_scaling_scales_every_interval() -> None:
 
 
 def test_rate_limiter_grants_the_burst_then_the_rate() -> None:
-    """5 at once, then one every 5 ms (200/s), on the loop clock."""
+    """5 at once (slots already due), then one every 5 ms (200/s), on the loop clock."""
     limiter = RateLimiter(rate=200.0, burst=5)
-    delays = [limiter.reserve(10.0) for _ in range(8)]
-    assert delays == pytest.approx([0.0] * 5 + [0.005, 0.010, 0.015])
+    slots = [limiter.reserve(10.0) for _ in range(8)]
+    assert slots == pytest.approx([9.98, 9.985, 9.99, 9.995, 10.0, 10.005, 10.010, 10.015])
 
 
-def test_a_released_slot_goes_to_the_next_caller() -> None:
-    """Ten reserved, five given back: the next caller waits as if five had never asked."""
+def test_released_slots_go_to_the_next_callers_at_their_own_time() -> None:
+    """Ten reserved; the last one given back is simply not made; one in the middle is
+    taken by the next caller at its time, never earlier (the rate always holds)."""
     limiter = RateLimiter(rate=100.0, burst=1)
-    assert [limiter.reserve(0.0) for _ in range(10)] == pytest.approx(
-        [0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09]
-    )
-    for _ in range(5):
-        limiter.release()
-    assert limiter.reserve(0.0) == pytest.approx(0.05)
+    slots = [limiter.reserve(0.0) for _ in range(10)]
+    assert slots == pytest.approx([0.0, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09])
+    limiter.release(slots[9])  # the latest
+    limiter.release(slots[3])  # one in the middle
+    assert limiter.reserve(0.0) == pytest.approx(0.03)  # the freed one
+    assert limiter.reserve(0.0) == pytest.approx(0.09)  # then the queue goes on
+    limiter.release(0.02)  # a freed slot already past when asked for: not reused
+    assert limiter.reserve(0.05) == pytest.approx(0.10)
+
+
+def test_a_window_never_sees_more_than_the_budget() -> None:
+    """Cancellations anywhere in the queue: any 1 s window holds at most rate x 1 s
+    grants (plus the burst), which the old give-back (rewinding the queue) broke."""
+    limiter = RateLimiter(rate=10.0, burst=1)
+    granted = [limiter.reserve(0.0) for _ in range(20)]
+    for slot in granted[5:15]:  # ten waiters cancelled in the middle of the queue
+        limiter.release(slot)
+    granted = granted[:5] + granted[15:] + [limiter.reserve(0.2) for _ in range(20)]
+    for start in granted:
+        assert sum(start <= g < start + 1.0 for g in granted) <= 10 + 1
 
 
 @pytest.mark.anyio
@@ -84,4 +99,5 @@ async def test_a_cancelled_waiter_gives_its_slot_back() -> None:
     for _ in range(50):  # each would have waited 0.1 s more than the last
         with anyio.move_on_after(0):
             await limiter.acquire()
-    assert limiter.reserve(anyio.current_time()) <= 0.1
+    now = anyio.current_time()
+    assert limiter.reserve(now) - now <= 0.1

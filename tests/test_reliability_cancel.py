@@ -197,8 +197,8 @@ async def test_generate_cancelled_at_each_stage(stage: str) -> None:
     assert fake.stats.in_flight == 0
     assert unknown_tasks(fake, events) == []
     first = [t.id for t in fake.tasks.values() if t.id != again.id]
-    # A submit cancelled on the wire is an orphan; one cancelled later was returned.
-    assert [t.id for t in orphans] == (first if stage == "submit" else [])
+    # Cancelled once its task existed (on the wire, or waiting): the client keeps it.
+    assert [t.id for t in orphans] == ([] if stage == "upload" else first)
     assert task_ids() <= before
 
 

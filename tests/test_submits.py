@@ -186,3 +186,110 @@ async def test_a_borrowed_clients_raise_for_status_is_mapped() -> None:
     async with borrowed, AsyncApimart(api_key=KEY, http_client=borrowed) as client:
         with pytest.raises(am.NotFoundError):
             await client.get_task("task_x")
+
+
+async def test_uncertainty_sticks_across_later_attempts() -> None:
+    """retry_uncertain_submits: an attempt that may have created the task, then only
+    429s: the end is SubmissionUncertainError, never a "nothing happened" 429."""
+    fake = FakeApimart(api_key=KEY)
+    fake.script("submit", ["drop_after_submit", 429, 429, 429, 429])
+    async with AsyncApimart(
+        api_key=KEY, transport=fake.transport(), poll=FAST_POLL, retry_uncertain_submits=True
+    ) as client:
+        with pytest.raises(am.SubmissionUncertainError):
+            await client.submit(model=GEM, prompt="x", idempotency_key="key-sticky")
+    assert fake.stats.tasks_created == 1
+
+
+@pytest.mark.parametrize(
+    ("key", "works"),
+    [("sk-test-0123456789\n", True), ("  sk-test-0123456789 ", True), ("sk-te st", False)],
+)
+async def test_keys_are_trimmed_and_checked_without_being_shown(key: str, works: bool) -> None:
+    fake = FakeApimart(api_key="sk-test-0123456789")
+    if not works:
+        with pytest.raises(ValueError) as info:
+            AsyncApimart(api_key=key, transport=fake.transport())
+        assert key.strip() not in str(info.value) and "not shown" in str(info.value)
+        return
+    async with AsyncApimart(api_key=key, transport=fake.transport(), poll=FAST_POLL) as client:
+        assert (await client.generate(model=GEM, prompt="x")).status.is_terminal
+
+
+async def test_a_look_alike_host_gets_nothing_of_a_borrowed_client() -> None:
+    """Only requests the client builds for the API carry the borrowed client's
+    headers and cookies; a result URL on a look-alike host carries none."""
+    seen: list[httpx.Request] = []
+    png = b"\x89PNG\r\n\x1a\n" + b"\x00" * 64 + b"IEND\xaeB`\x82"
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, content=png)
+
+    borrowed = httpx.AsyncClient(
+        transport=httpx.MockTransport(handler),
+        headers={"X-Tenant-Secret": "s3cret"},
+        cookies={"session": "c00kie"},
+    )
+    lookalike = "https://api.apimart.ai.evil.example/a.png"
+    with_credentials = "https://api.apimart.ai@evil.example/b.png"
+    async with borrowed, AsyncApimart(api_key=KEY, http_client=borrowed) as client:
+        await client.download([lookalike], "/tmp/apimart-lookalike-test")
+        with pytest.raises(am.APIResponseValidationError, match="credentials"):
+            await client.download([with_credentials], "/tmp/apimart-lookalike-test")
+    assert len(seen) == 1
+    for request in seen:
+        assert "x-tenant-secret" not in request.headers and "cookie" not in request.headers
+        assert "authorization" not in request.headers
+
+
+async def test_a_submit_handler_failure_keeps_the_task(caplog: pytest.LogCaptureFixture) -> None:
+    """on_event raising on the SubmittedEvent: the caller gets its error, and the task
+    that was created goes to orphaned_tasks() and a WARNING, not nowhere."""
+    fake = FakeApimart(api_key=KEY)
+
+    def handler(event: am.Event) -> None:
+        if event.kind == "submitted":
+            raise LookupError("bug in my handler")
+
+    async with AsyncApimart(api_key=KEY, transport=fake.transport(), poll=FAST_POLL) as client:
+        with pytest.raises(LookupError):
+            await client.generate(model=GEM, prompt="x", on_event=handler)
+        orphans = client.orphaned_tasks()
+    (task_id,) = list(fake.tasks)
+    assert [t.id for t in orphans] == [task_id]
+    assert any(task_id in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+
+
+async def test_system_exit_in_an_orphan_report_does_not_end_the_loop() -> None:
+    """The report of an orphaned submit runs in the client's own task: a SystemExit
+    from the handler there is logged, and the loop (and closing) go on."""
+    fake = stalled_fake(0.2)
+
+    def handler(event: am.Event) -> None:
+        if event.kind == "submitted":
+            raise SystemExit("callback exits")
+
+    async with AsyncApimart(api_key=KEY, transport=fake.transport(), poll=FAST_POLL) as client:
+        with anyio.move_on_after(0.05):
+            await client.submit(model=GEM, prompt="x", on_event=handler)
+    assert fake.stats.tasks_created == 1
+
+
+async def test_the_callers_context_reaches_the_submit_task() -> None:
+    """Context variables (log correlation ids) are seen by the SubmittingEvent handler,
+    which runs in the client's own task, on trio as on asyncio."""
+    import contextvars
+
+    request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="-")
+    seen: list[str] = []
+
+    def handler(event: am.Event) -> None:
+        if event.kind == "submitting":
+            seen.append(request_id.get())
+
+    fake = FakeApimart(api_key=KEY)
+    async with AsyncApimart(api_key=KEY, transport=fake.transport(), poll=FAST_POLL) as client:
+        request_id.set("req-42")
+        await client.submit(model=GEM, prompt="x", on_event=handler)
+    assert seen == ["req-42"]

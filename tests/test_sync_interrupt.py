@@ -458,7 +458,7 @@ def test_sigint_to_a_script_in_generate(tmp_path: Path) -> None:
     assert fake.stats.polls == 0  # no request for the task after the interrupt
     assert proc.returncode == -signal.SIGINT  # died of the interrupt, as Python scripts do
     assert "KeyboardInterrupt" in stderr.splitlines()
-    assert f"task {task_id} was created" in stderr  # the keeper's WARNING, at exit
+    assert f"task {task_id} (idempotency key" in stderr  # the keeper's WARNING, at exit
 
 
 def until(condition: Callable[[], bool]) -> None:

@@ -253,3 +253,49 @@ def test_retries_are_logged_at_info_with_their_details(
     assert len(retries) == 1
     message = retries[0].getMessage()
     assert "task query" in message and "attempt 2 of" in message and "RateLimitError" in message
+
+
+def test_metrics_only_telemetry_ends_its_jobs() -> None:
+    """A meter provider without a tracer: jobs in flight go back to 0, durations and
+    polls are recorded (no span is made)."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from apimart_async._telemetry import Telemetry
+
+    reader = InMemoryMetricReader()
+    telemetry = Telemetry(None, MeterProvider(metric_readers=[reader]).get_meter("t"))
+    for _ in range(3):
+        job = telemetry.start_job("apimart.generate", GEM)
+        telemetry.end_job(job, model=GEM, task=None, polls=2, seconds=0.1, error=None)
+    names = {
+        m.name: m.data.data_points
+        for r in reader.get_metrics_data().resource_metrics
+        for s in r.scope_metrics
+        for m in s.metrics
+    }
+    assert [p.value for p in names["apimart.jobs.in_flight"]] == [0]
+    assert [p.count for p in names["apimart.pipeline.duration"]] == [3]
+
+
+def test_a_spent_retry_budget_logs_no_retry_that_never_happens(
+    client_for: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    import anyio
+
+    async def main() -> None:
+        fake = FakeApimart(api_key=KEY)
+        async with client_for(fake, retry=am.RetryPolicy(attempts=3, wait_initial=0.0)) as client:
+            task = await client.submit(model=GEM, prompt="x")
+            fake.script("poll", [503] * 10)
+            with pytest.raises(am.ServerError):
+                await client.get_task(task.id)
+
+    with caplog.at_level("INFO", logger="apimart_async"):
+        anyio.run(main)
+    retries = [r.getMessage() for r in caplog.records if r.name == "apimart_async.retry"]
+    assert [m.split(",")[1].split(" in ")[0].strip() for m in retries] == [
+        "attempt 2 of 3",
+        "attempt 3 of 3",
+    ]
+    assert all(m.count("req_") <= 1 for m in retries)  # the request id named once

@@ -52,7 +52,6 @@ def seam(backend: str, connections: int = 10) -> Transport:
         backend=backend,  # type: ignore[arg-type]
         http_client=None,
         transport=None,
-        api_origin="http://127.0.0.1",
     )
 
 

@@ -9,9 +9,11 @@ the events must be those of polling mode.
 
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 
@@ -140,3 +142,25 @@ async def test_a_fastapi_app_mounting_the_receiver(client_for: ClientFor) -> Non
         outcomes = [o async for o in stream]
     assert all(o.ok for o in outcomes) and fake.stats.polls == 0
     assert receiver.stats.received == 5
+
+
+async def test_leaving_early_then_late_pushes_disturb_nothing(
+    client_for: ClientFor, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Break out after the first outcome: the pushes that arrive afterwards find no
+    job (no error, no traceback), and the tasks left running are the client's."""
+    fake = FakeApimart(api_key=KEY, latency=Latency.fixed(0.05), webhooks=Webhooks(delay=0.05))
+    receiver = WebhookReceiver(public_url=PUBLIC)
+    async with (
+        client_for(fake, poll=PUSH_POLL) as client,
+        fake.webhook_sender(transport=httpx.ASGITransport(app=receiver)),
+    ):
+        async with client.generate_many(jobs(6), concurrency=6, webhook=receiver) as stream:
+            async for _ in stream:
+                break
+        with anyio.fail_after(5):
+            while receiver.stats.received < 6:  # noqa: ASYNC110 - the fake's pace
+                await anyio.sleep(0.01)
+        orphans = client.orphaned_tasks()
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(orphans) == 5
