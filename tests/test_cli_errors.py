@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import socket
 import threading
 from pathlib import Path
@@ -342,3 +343,64 @@ def test_the_installed_command_glosses_a_chinese_answer_once(tmp_path: Path) -> 
     assert "HTTP 402: 余额不足 (in English, roughly: insufficient balance) (request id: " in gen.err
     assert gen.err.count("req_cn_2") == 1 and "`apimart balance`" in gen.err
     assert speaks_cli(task.err + gen.err)
+
+
+# -- the library's log records, as the command shows them -------------------------------
+
+_CALL = re.compile(r"[A-Za-z_][\w.]*\([^)]*\)")  # foo(), client.wait('x'), prices={...}
+# Records the command line cannot cause: the blocking client (not used by the CLI) and
+# closing a client from another event loop (the CLI runs one loop per command).
+_UNREACHABLE = ("_sync.py", "called from another event loop")
+
+
+def _library_warnings() -> list[tuple[str, str, list[str]]]:
+    """``(module, template, placeholders)`` of every WARNING-or-worse log call."""
+    import ast
+
+    import apimart_async
+
+    found: list[tuple[str, str, list[str]]] = []
+    for path in sorted(Path(apimart_async.__file__).parent.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if not (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("warning", "error", "exception", "critical")
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "logger"
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                continue
+            template = node.args[0].value
+            found.append((path.name, template, re.findall(r"%([sdr])", template)))
+    return found
+
+
+def test_every_library_warning_reaches_stderr_in_cli_words() -> None:
+    """Each WARNING-or-worse template of the library, through the command's log
+    handler: dropped (the command reports it itself) or free of Python calls."""
+    import logging
+
+    from apimart_async.cli._logs import captured
+    from apimart_async.cli._ui import Ui
+
+    templates = _library_warnings()
+    assert any("report no cost" in t for _, t, _ in templates)  # the scan finds them
+    err = io.StringIO()
+    ui = Ui(stdout=io.StringIO(), stderr=err, progress="off")
+    shown: list[str] = []
+    with captured(ui):
+        for module, template, kinds in templates:
+            if module in _UNREACHABLE or any(u in template for u in _UNREACHABLE):
+                continue
+            name = "apimart_async." + module.removeprefix("_").removesuffix(".py")
+            args = tuple(i if kind == "d" else f"arg{i}" for i, kind in enumerate(kinds))
+            before = len(err.getvalue())
+            logging.getLogger(name).warning(template, *args)
+            text = err.getvalue()[before:]
+            assert not _CALL.search(text) and speaks_cli(text), (template, text)
+            shown.append(text)
+    assert any("add --price arg0=USD" in text for text in shown)
+    assert "" in shown  # the ones the command reports itself are not repeated

@@ -36,6 +36,13 @@ _REPORTED = (
     "submit outcome unknown",
     "orphaned task",
 )
+# Why a task goes on without its caller, when the command has it in hand already: a
+# batch journals every task id as it arrives (and resumes it on the rerun); generate
+# names the command that fetches its task when it is stopped.
+_KEPT = (
+    "generate_many ended before this job's outcome",
+    "generate was cancelled while its task ran",
+)
 
 
 def _translate(record: logging.LogRecord) -> str | None:
@@ -51,10 +58,13 @@ def _translate(record: logging.LogRecord) -> str | None:
             f"cannot be enforced for {model} (only images are counted); add --price "
             f"{model}=USD"
         )
-    if template.startswith("submit finished after its caller was cancelled") and args:
+    if "goes on at the service" in template and len(args) >= 3:
+        why, task, key = args[0], args[1], args[2]
+        if str(why) in _KEPT:
+            return None
         return (
-            f"task {args[0]} was created by a submit that answered after the stop "
-            f"(idempotency key {args[1]}): `apimart task {args[0]} --wait` fetches it"
+            f"{why}: task {task} (idempotency key {key}) goes on at the service; "
+            f"`apimart task {task} --wait --download DIR` fetches it"
         )
     if template.startswith("submit cut short") and len(args) >= 2:
         return (
