@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import logging
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -42,7 +42,6 @@ from .types import DownloadedEvent, Task, TaskStatus
 if TYPE_CHECKING:
     import os
     from collections.abc import (
-        AsyncGenerator,
         AsyncIterable,
         Callable,
         Iterable,
@@ -50,6 +49,7 @@ if TYPE_CHECKING:
         Sequence,
     )
     from pathlib import Path
+    from types import TracebackType
     from typing import IO
 
     import httpx
@@ -522,8 +522,7 @@ class AsyncApimart:
 
     # -- many ----------------------------------------------------------------------
 
-    @asynccontextmanager
-    async def generate_many(
+    def generate_many(
         self,
         requests: Iterable[Any] | AsyncIterable[Any],
         *,
@@ -539,7 +538,7 @@ class AsyncApimart:
         max_images: int | None = None,
         prices: Mapping[str, float] | None = None,
         webhook: str | WebhookReceiver | None = None,
-    ) -> AsyncGenerator[OutcomeStream, None]:
+    ) -> AbstractAsyncContextManager[OutcomeStream]:
         """Run many pipelines at once; yield their ``Outcome``s as they finish.
 
         ``async with client.generate_many(requests) as outcomes: async for o in
@@ -569,7 +568,6 @@ class AsyncApimart:
         ``WebhookReceiver``, whose pushes then end the jobs' waits (rare polls remain
         as a safety net). Without it, the client's own *webhooks* receiver applies.
         """
-        self._check_open()
         budget = Budget(max_cost=max_cost, max_images=max_images, prices=prices)
         webhook_url: str | None
         if isinstance(webhook, str):
@@ -590,7 +588,43 @@ class AsyncApimart:
             limits=self._limits,
             budget=budget,
             webhook_url=webhook_url,
-            pushes=self._router(receiver) if receiver is not None else None,
         )
-        async with pipeline.run(requests) as outcomes:
-            yield outcomes
+
+        def on_entry() -> None:  # inside the loop that runs it
+            self._check_open()
+            if receiver is not None:
+                pipeline.pushes = self._router(receiver)
+
+        return _Run(pipeline.run(requests), on_entry)
+
+
+class _Run(AbstractAsyncContextManager["OutcomeStream"]):
+    """What ``generate_many`` returns: a run, entered with ``async with``."""
+
+    __slots__ = ("_check", "_run")
+
+    def __init__(
+        self, run: AbstractAsyncContextManager[OutcomeStream], check: Callable[[], None]
+    ) -> None:
+        self._run = run
+        self._check = check  # the client is open, on its own loop: checked on entry
+
+    async def __aenter__(self) -> OutcomeStream:
+        self._check()
+        return await self._run.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        return await self._run.__aexit__(exc_type, exc, tb)
+
+    if not TYPE_CHECKING:
+
+        def __aiter__(self):
+            raise TypeError(
+                "generate_many() starts a run: use `async with client.generate_many(...) "
+                "as outcomes:`, then `async for outcome in outcomes:`"
+            )

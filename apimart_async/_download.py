@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import anyio
+import anyio.to_thread
 import httpx
 
 from ._exceptions import (
@@ -46,6 +47,8 @@ __all__ = ["download_images"]
 _EXT = {"image/png": "png", "image/jpeg": "jpg", "image/webp": "webp", "image/gif": "gif"}
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 MAX_REDIRECTS = 5
+# Result images up to this size are held in memory and written in one go.
+IN_MEMORY = 8 * 1024 * 1024
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 
 
@@ -159,27 +162,73 @@ async def _download(
 async def _fetch_one(
     res: Resources, url: str, directory: anyio.Path, stem: str, overwrite: bool
 ) -> Path:
-    tmp = directory / f".{stem}.{uuid.uuid4().hex}.part"
     limit = request_deadline(res.download_timeout)
+    body = _Body(Path(directory) / f".{stem}.{uuid.uuid4().hex}.part")
     try:
         with anyio.move_on_after(limit):
-            content_type = await _fetch_to(res, url, tmp)
-            final = directory / f"{stem}.{_EXT[content_type]}"
-            if not overwrite and await final.exists():
-                raise FileExistsError(f"{final} exists and overwrite=False")
-            await tmp.replace(final)
-            return Path(final)
+            await _fetch_to(res, url, body)
+            # One worker-thread hop for the file work (write, check, rename), not one
+            # per chunk: result images are a few MB, and each hop costs the loop.
+            return await anyio.to_thread.run_sync(_place, body, stem, overwrite)
         raise APITimeoutError(
             f"the download did not finish within {limit:g}s", method="GET", url=url, sent=True
         )
     except BaseException:
         with anyio.CancelScope(shield=True):
-            await tmp.unlink(missing_ok=True)
+            await anyio.to_thread.run_sync(_undo, body)
         raise
 
 
-async def _fetch_to(res: Resources, url: str, tmp: anyio.Path) -> str:
-    """GET *url* (following a few redirects ourselves) into *tmp*; its image type."""
+class _Body:
+    """A result image on its way to disk: in memory, or (when large) in *tmp*."""
+
+    __slots__ = ("chunks", "content_type", "file", "placed", "size", "tmp")
+
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.content_type = ""
+        self.file: Any = None  # an async file on *tmp*, once the body outgrew memory
+        self.placed: Path | None = None  # the final file this download created
+
+    async def add(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.file is None and self.size <= IN_MEMORY:
+            self.chunks.append(chunk)
+            return
+        if self.file is None:
+            self.file = await anyio.open_file(self.tmp, "wb")
+            await self.file.write(b"".join(self.chunks))
+            self.chunks = []
+        await self.file.write(chunk)
+
+    async def finish(self) -> None:
+        if self.file is not None:
+            await self.file.aclose()
+
+
+def _place(body: _Body, stem: str, overwrite: bool) -> Path:
+    """Write (if still in memory) and rename into place; runs in a worker thread."""
+    final = body.tmp.parent / f"{stem}.{_EXT[body.content_type]}"
+    if not overwrite and final.exists():
+        raise FileExistsError(f"{final} exists and overwrite=False")
+    if body.file is None:
+        body.tmp.write_bytes(b"".join(body.chunks))
+    body.tmp.replace(final)
+    body.placed = final
+    return final
+
+
+def _undo(body: _Body) -> None:
+    """After a failure or cancellation: no partial file, and no file of ours left."""
+    body.tmp.unlink(missing_ok=True)
+    if body.placed is not None:  # renamed just as the cancellation came
+        body.placed.unlink(missing_ok=True)
+
+
+async def _fetch_to(res: Resources, url: str, body: _Body) -> None:
+    """GET *url* (following a few redirects ourselves) into *body*."""
     transport = res.http.transport
     for _ in range(MAX_REDIRECTS + 1):
         # Built bare: no key, no default headers or cookies of a borrowed client.
@@ -197,13 +246,14 @@ async def _fetch_to(res: Resources, url: str, tmp: anyio.Path) -> str:
                     url = str(httpx.URL(url).join(location))
                     _check_url(url)
                     continue
-                return await _stream_to(streamed, tmp, res.max_download, url)
+                await _read_image(streamed, body, res.max_download, url)
+                return
     raise APIResponseValidationError(
         f"more than {MAX_REDIRECTS} redirects for a result image", status_code=0, excerpt=url[:80]
     )
 
 
-async def _stream_to(streamed: Streamed, tmp: anyio.Path, max_bytes: int, url: str) -> str:
+async def _read_image(streamed: Streamed, body: _Body, max_bytes: int, url: str) -> None:
     status = streamed.status
     if status >= 400:
         cls = status_error_class(status)
@@ -213,11 +263,9 @@ async def _stream_to(streamed: Streamed, tmp: anyio.Path, max_bytes: int, url: s
         kw: dict[str, Any] = {"status_code": status, "headers": streamed.headers}
         raise cls(message, **kw)
     check_declared(streamed.headers, status, max_bytes)
-    content_type: str | None = None
-    size = 0
-    async with await anyio.open_file(tmp, "wb") as fh:
+    try:
         async for chunk in streamed.chunks:
-            if content_type is None:
+            if not body.content_type:
                 content_type = sniff_image_type(chunk[:16])
                 if content_type is None:
                     raise APIResponseValidationError(
@@ -225,14 +273,15 @@ async def _stream_to(streamed: Streamed, tmp: anyio.Path, max_bytes: int, url: s
                         status_code=status,
                         excerpt=chunk[:80].decode("utf-8", "replace"),
                     )
-            size += len(chunk)
-            if size > max_bytes:
+                body.content_type = content_type
+            if body.size + len(chunk) > max_bytes:
                 raise APIResponseValidationError(
                     f"result image exceeds the {max_bytes}-byte cap", status_code=status
                 )
-            await fh.write(chunk)
-    if content_type is None:
+            await body.add(chunk)
+    finally:
+        await body.finish()
+    if not body.content_type:
         raise APIResponseValidationError(
             "result image is empty", status_code=status, excerpt=url[:80]
         )
-    return content_type

@@ -222,7 +222,6 @@ class Pipeline:
         limits: Limits,
         budget: Budget,
         webhook_url: str | None = None,
-        pushes: PushRouter | None = None,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
@@ -261,7 +260,7 @@ class Pipeline:
         # Webhooks: the URL every request gets unless it names its own, and the
         # router of the receiver behind it (then results are pushed, polls rare).
         self._webhook_url = webhook_url
-        self._pushes = pushes
+        self.pushes: PushRouter | None = None  # set on entry, inside the loop
 
     @asynccontextmanager
     async def run(
@@ -350,11 +349,8 @@ class Pipeline:
             else:
                 request = job.request = self._request(item)
                 job.model = request.model
-                if (
-                    self._pushes is not None
-                    and request.webhook == self._pushes.receiver.webhook_url
-                ):
-                    job.pushes = self._pushes
+                if self.pushes is not None and request.webhook == self.pushes.receiver.webhook_url:
+                    job.pushes = self.pushes
             self._live.add(job)
             _jobs.open_span(self._res, job, "apimart.job")
             if not known:

@@ -580,3 +580,21 @@ async def test_key_only_goes_to_the_api_origin(
     assert all("authorization" not in r.headers for r in files_host)
     assert KEY not in caplog.text
     assert KEY not in str(info.value) and KEY not in repr(info.value)
+
+
+async def test_a_large_result_streams_to_disk(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, client_for: Any
+) -> None:
+    """Past the in-memory size a result streams into its temporary file; the file
+    placed is the whole image either way."""
+    from apimart_async import _download
+    from apimart_async.testing import RESULT_PNG, FakeApimart
+
+    fake = FakeApimart(api_key="test-key")
+    async with client_for(fake) as client:
+        task = await client.generate(model="imagen-4.0-apimart", prompt="p")
+        small = await client.download(task, tmp_path / "memory")
+        monkeypatch.setattr(_download, "IN_MEMORY", 16)  # every chunk after the first: file
+        large = await client.download(task, tmp_path / "streamed")
+    assert small[0].read_bytes() == large[0].read_bytes() == RESULT_PNG
+    assert [p.name for p in (tmp_path / "streamed").iterdir()] == [large[0].name]

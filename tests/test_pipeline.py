@@ -358,3 +358,9 @@ async def test_a_handler_failing_on_failed_events_loses_no_outcome(client_for: C
     assert len(outcomes) == 10
     assert all(isinstance(o.error, am.TaskFailedError) and o.task for o in outcomes)
     assert events.count("failed") == 10
+
+
+async def test_generate_many_without_with_says_how_to_use_it(client: AsyncApimart) -> None:
+    with pytest.raises(TypeError, match="async with client.generate_many"):
+        async for _ in client.generate_many(requests(1)):  # type: ignore[attr-defined]
+            pass

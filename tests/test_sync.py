@@ -144,8 +144,8 @@ def test_signatures_match_the_async_client(name: str) -> None:
         else:
             assert param.annotation == twin.annotation, param.name
     if name == "generate_many":
-        assert sync.return_annotation == "Generator[OutcomeIterator, None, None]"
-        assert asyn.return_annotation == "AsyncGenerator[OutcomeStream, None]"
+        assert sync.return_annotation == "AbstractContextManager[OutcomeIterator]"
+        assert asyn.return_annotation == "AbstractAsyncContextManager[OutcomeStream]"
     else:
         assert sync.return_annotation == asyn.return_annotation
     assert not inspect.iscoroutinefunction(getattr(Apimart, name))
@@ -671,3 +671,13 @@ async def test_works_where_an_event_loop_already_runs(anyio_backend: str) -> Non
         assert client._runner.thread_id != threading.get_ident()  # pyright: ignore[reportPrivateUsage]
     with pytest.raises(ValueError, match="APIMART_API_KEY"):
         Apimart()  # built on the client's thread here, still raised by the constructor
+
+
+def test_generate_many_without_with_says_how_to_use_it() -> None:
+    fake = FakeApimart(api_key="test-key")
+    with (
+        Apimart(api_key="test-key", transport=fake.transport()) as client,
+        pytest.raises(TypeError, match="with client.generate_many"),
+    ):
+        for _ in client.generate_many([]):  # type: ignore[attr-defined]
+            pass
