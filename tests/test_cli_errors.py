@@ -350,7 +350,12 @@ def test_the_installed_command_glosses_a_chinese_answer_once(tmp_path: Path) -> 
 _CALL = re.compile(r"[A-Za-z_][\w.]*\([^)]*\)")  # foo(), client.wait('x'), prices={...}
 # Records the command line cannot cause: the blocking client (not used by the CLI) and
 # closing a client from another event loop (the CLI runs one loop per command).
-_UNREACHABLE = ("_sync.py", "called from another event loop")
+_UNREACHABLE = (
+    "_sync.py",
+    "_portal.py",
+    "interrupted as it returned",
+    "called from another event loop",
+)
 
 
 def _library_warnings() -> list[tuple[str, str, list[str]]]:
