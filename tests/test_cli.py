@@ -43,7 +43,7 @@ def test_help_and_version_exit_0(capsys: pytest.CaptureFixture[str]) -> None:
     """--help lists every command; --version prints the version; both return 0."""
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
-    for command in ("generate", "batch", "upload", "task", "models", "demo"):
+    for command in ("generate", "batch", "merge", "upload", "task", "balance", "models", "demo"):
         assert command in text
     assert main(["--version"]) == 0
     assert capsys.readouterr().out.startswith("apimart ")
@@ -57,13 +57,13 @@ def test_unknown_command_and_bad_flags_exit_2(capsys: pytest.CaptureFixture[str]
 
 
 def test_models_lists_every_model_with_its_rules() -> None:
-    """The table names every model id; --json gives each class's rules."""
+    """Piped, one tab-separated line per model id; --json one object per model id."""
     ran = cli("models")
     assert ran.code == 0
-    for model in MODELS:
-        assert model in ran.out
+    lines = ran.out.splitlines()
+    assert [line.split("\t")[0] for line in lines[1:]] == list(MODELS)
     rules = json.loads(cli("models", "--json").out)
-    gemini = next(r for r in rules if GEM in r["models"])
+    gemini = next(r for r in rules if r["model"] == GEM)
     assert gemini["resolutions"] == ["1K", "2K", "4K"] and gemini["n_range"] == [1, 4]
 
 
@@ -230,8 +230,17 @@ def test_missing_rich_prints_the_install_hint(monkeypatch: pytest.MonkeyPatch) -
 def test_fake_options_are_validated(tmp_path: Path) -> None:
     """Bad --fake-latency / --fake-faults are usage errors naming the option's problem."""
     ran = cli("generate", "--fake", "--fake-latency", "slow", "-m", GEM, "-p", "x")
-    assert ran.code == 2 and "unknown latency" in ran.err
+    assert ran.code == 2 and "--fake-latency: unknown latency" in ran.err
     ran = cli("generate", "--fake", "--fake-faults", "{", "-m", GEM, "-p", "x")
-    assert ran.code == 2 and "--fake-faults is not valid JSON" in ran.err
+    assert ran.code == 2 and "--fake-faults: not valid JSON" in ran.err
     ran = cli("generate", "--fake", "--fake-faults", '{"nope": 1}', "-m", GEM, "-p", "x")
     assert ran.code == 2 and "nope" in ran.err
+    ran = cli("generate", "--fake", "--fake-faults", '{"rate_limit": 2}', "-m", GEM, "-p", "x")
+    assert ran.code == 2 and "--fake-faults: rate_limit must be in [0, 1]" in ran.err
+
+
+def test_a_bad_base_url_names_the_flag_and_the_variable() -> None:
+    """The client's "base_url" is the command line's --base-url or APIMART_BASE_URL."""
+    ran = cli("balance", "--api-key", "k", "--base-url", "ftp://example.test")
+    assert ran.code == 2
+    assert ran.err.startswith("apimart: error: --base-url (or APIMART_BASE_URL) must be")

@@ -63,7 +63,7 @@ def test_an_invalid_spec_names_shard(spec: str, env: dict[str, str], says: str) 
 
 @pytest.mark.parametrize("spec", ["4/4", "x/y", "auto"])
 def test_an_invalid_shard_exits_2_before_any_request(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], spec: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, spec: str
 ) -> None:
     """The command line refuses it with status 2, naming --shard; nothing is sent."""
     for name in ("JOB_COMPLETION_INDEX", "SLURM_ARRAY_TASK_ID"):
@@ -71,7 +71,7 @@ def test_an_invalid_shard_exits_2_before_any_request(
     fake = FakeApimart()
     src = write_jobs(tmp_path / "jobs.jsonl", jobs(2))
     ran = cli("batch", str(src), "--out", str(tmp_path / "out"), "--shard", spec, fake=fake)
-    assert ran.code == 2 and "argument --shard" in capsys.readouterr().err  # argparse's
+    assert ran.code == 2 and "argument --shard" in ran.err  # argparse's, on the command's stderr
     assert fake.stats.requests_total == 0 and not (tmp_path / "out").exists()
 
 

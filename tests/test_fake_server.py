@@ -203,7 +203,8 @@ def test_cli_prints_its_url_serves_and_exits_cleanly() -> None:
         assert stats["stats"]["tasks_created"] == 1
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
-        assert proc.stdout.read() == ""  # exactly one line on stdout
+        # The URL again as the variable the client reads; nothing else on stdout.
+        assert proc.stdout.read() == f"APIMART_BASE_URL={url}\n"
     finally:
         if proc.poll() is None:
             proc.kill()

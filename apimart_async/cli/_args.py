@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 
-__all__ = ["build_parser"]
+__all__ = ["FAKE_STATE_NAME", "build_parser"]
+
+FAKE_STATE_NAME = ".apimart-fake-state.jsonl"
+"""The embedded fake's state file, in the command's output folder (``--fake``)."""
 
 DESCRIPTION = """\
 Generate images with APIMart: one at a time, or a whole batch file with a resumable
@@ -26,7 +30,14 @@ The journal is bound to the service and account it was made with; a folder holdi
 --fake trial run is refused for a real run (exit status 3), and so is a missing or
 damaged journal where results exist (see --rebuild-journal).
 
-Exit status: 0 all done; 1 some job not done; 2 usage error; 3 the folder's journal
+Spending: --max-cost, --max-images and a 402 (balance exhausted) or 401 (key rejected)
+from the service stop submitting; jobs already submitted are still waited for and
+downloaded. Rerun the same command (with a higher limit, after a top-up, with a valid
+key) to continue: nothing is paid twice. --fake keeps the fake service's state in DIR,
+so a --fake run resumes too. Each run writes DIR/results.jsonl, one record per line.
+
+Exit status: 0 all done; 1 some job not done (also: a spending limit or a 402 stopped
+submitting); 2 usage error (also: the API key was rejected); 3 the folder's journal
 belongs to another service or is damaged (nothing sent); 4 a journal write failed (task
 ids saved to recovered-task-ids.txt); 128+N stopped by signal N."""
 
@@ -37,18 +48,73 @@ id of every job that no shard finished (an invalid line without an id as "line N
 Exit status 0 when every job of the batch file is done, 1 while any is missing."""
 
 
+# Each type function raises ArgumentTypeError with its own text: argparse would
+# otherwise say "invalid _positive_float value", naming our function.
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1 (got {value})")
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more (got {value})")
+    return value
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
 def _positive_float(text: str) -> float:
-    value = float(text)
+    value = _number(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"must be greater than 0 (got {text})")
     return value
+
+
+def _usd(text: str) -> float:
+    value = _number(text.strip().removeprefix("$"))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more USD (got {text})")
+    return value
+
+
+def _price(text: str) -> tuple[str, float]:
+    model, sep, usd = text.partition("=")
+    if not sep or not model.strip() or not usd.strip():
+        raise argparse.ArgumentTypeError(
+            f"takes MODEL=USD, the price of one image (e.g. flux-kontext-pro=0.04), got {text!r}"
+        )
+    try:
+        return model.strip(), _usd(usd)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{model.strip()}: {exc}") from None
+
+
+def _listen(text: str) -> tuple[str, int]:
+    from ._webhook_server import parse_listen
+
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _shard_spec(text: str) -> str:
@@ -86,7 +152,8 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
     group.add_argument(
         "--fake",
         action="store_true",
-        help="run against the built-in fake service (no key, no network)",
+        help="run against the built-in fake service (no key, no network); its state is "
+        f"kept in the output folder ({FAKE_STATE_NAME}), so a rerun resumes its tasks",
     )
     group.add_argument(
         "--fake-latency",
@@ -98,6 +165,13 @@ def _parents() -> dict[str, argparse.ArgumentParser]:
         "--fake-faults",
         metavar="JSON",
         help='faults to inject, e.g. \'{"rate_limit": 0.1, "task_failure": 0.05}\'',
+    )
+    group.add_argument(
+        "--fake-balance",
+        type=_usd,
+        metavar="USD",
+        help="the fake key's balance: submits it cannot pay are refused with 402 "
+        "(default: unlimited; given again on a rerun, it tops the balance up)",
     )
     group.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
 
@@ -160,7 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--out", "-o", default=".", metavar="DIR", help="where to save (.)")
     gen.add_argument("--timeout", type=_positive_float, metavar="SECONDS", help="deadline")
     gen.add_argument(
+        "--allow-unknown-models",
         "--allow-unknown-model",
+        dest="allow_unknown_models",
         action="store_true",
         help="send a model id without local rules, unvalidated",
     )
@@ -169,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
         "batch",
         parents=[api, fake, progress],
         help="run a JSONL file of requests into a folder, resumably",
-        description="Run every request of a JSONL file and download the results into DIR, "
+        description="Run every request of a JSONL file and download the results into DIR,\n"
         "with a journal (DIR/journal.sqlite3) that makes reruns resume.",
         epilog=BATCH_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -204,6 +280,48 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-unknown-models",
         action="store_true",
         help="send model ids without local rules, unvalidated",
+    )
+    batch.add_argument(
+        "--json",
+        action="store_true",
+        help="print the summary as JSON on stdout (counts by results.jsonl status, spend)",
+    )
+    batch.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="check every line and print the jobs and images per model (and the estimated "
+        "cost, when every model has a --price); sends nothing but a balance read",
+    )
+    money = batch.add_argument_group("spending limits (this run's submits)")
+    money.add_argument(
+        "--max-cost",
+        type=_usd,
+        metavar="USD",
+        help="submit no job that could take this run's spend over USD (finished tasks' "
+        "costs plus what submits under way may cost)",
+    )
+    money.add_argument(
+        "--max-images", type=_count, metavar="N", help="submit at most N images in this run"
+    )
+    money.add_argument(
+        "--price",
+        type=_price,
+        action="append",
+        metavar="MODEL=USD",
+        help="what one image of MODEL costs, to estimate jobs before their tasks report a "
+        "cost; repeatable",
+    )
+    hooks = batch.add_argument_group("webhooks (results pushed instead of polled)")
+    hooks.add_argument(
+        "--webhook-public-url",
+        metavar="URL",
+        help="the public https URL (port 443 or 80) at which APIMart reaches --webhook-listen",
+    )
+    hooks.add_argument(
+        "--webhook-listen",
+        type=_listen,
+        metavar="HOST:PORT",
+        help="where this process listens for the callbacks (needs the server extra)",
     )
     sharding = batch.add_argument_group("sharding and keys")
     sharding.add_argument(
@@ -261,9 +379,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     task = commands.add_parser(
         "task",
-        parents=[api],
+        parents=[api, fake],
         help="show a task; optionally wait for it and download its images",
-        description="Show a task's status and result URLs.",
+        description="Show a task's status and result URLs. With --fake, the embedded fake "
+        f"is the one whose state is in the --download folder ({FAKE_STATE_NAME}; default: "
+        "the current directory), where `apimart generate --fake --out DIR` kept it.",
     )
     task.add_argument("task_id", metavar="TASK_ID")
     task.add_argument("--wait", "-w", action="store_true", help="wait until it finishes")
@@ -273,9 +393,22 @@ def build_parser() -> argparse.ArgumentParser:
     models = commands.add_parser(
         "models",
         help="list the models and what each accepts",
-        description="The local validation rules per model: sizes, resolutions, n, images.",
+        description="What each model accepts: sizes, resolutions, n, reference images. "
+        "One block per model on a terminal; one tab-separated line per model when piped.",
     )
     models.add_argument("--json", action="store_true", help="print the rules as JSON")
+
+    balance = commands.add_parser(
+        "balance",
+        parents=[api],
+        help="show what the API key (or the account) has left to spend",
+        description="Read the balance of the API key (GET /v1/balance), or of the whole "
+        "account with --account (GET /v1/user/balance). Costs nothing.",
+    )
+    balance.add_argument(
+        "--account", action="store_true", help="the account's balance rather than the key's"
+    )
+    balance.add_argument("--json", action="store_true", help="print the balance as JSON")
 
     demo = commands.add_parser(
         "demo",

@@ -30,34 +30,60 @@ The run, in order:
 
 4. ``generate_many`` runs the jobs as they are read (memory stays flat however long
    the file is); the journal records each step (the client's ``SubmittingEvent``
-   reports every submit attempt just before it is sent: the ``submitting`` row is committed first; a task id is
-   committed as soon as it arrives; other steps ride along with the next commit), and
-   each completed task's images are downloaded as ``<id>_<n>.<ext>``;
-5. ``results.jsonl`` gets one record per line (of this shard), and a summary is
-   printed.
+   reports every submit attempt just before it is sent: the ``submitting`` row is
+   committed first; a task id is committed as soon as it arrives; other steps ride
+   along with the next commit), and each completed task's images are downloaded as
+   ``<id>_<n>.<ext>``;
+5. ``results.jsonl`` gets one record per line (of this shard; ``RESULT_FIELDS``), and
+   a summary is printed: a table on a terminal, tab-separated lines when stdout is
+   not one, JSON with ``--json`` (``SUMMARY_FIELDS``).
+
+Spending: ``--max-cost``, ``--max-images`` and ``--price`` go to ``generate_many``
+(they count this run's submits); when a limit is reached, or the service answers a
+submit with 402 (balance exhausted), 401 (key rejected) or 403, no further line is
+read and no further submit starts, while the jobs already submitted are waited for and
+downloaded. Jobs not started stay ``pending`` (nothing was sent for them), so the
+rerun that follows a top-up or a higher limit submits exactly those. The summary says
+what this run spent (the costs the service reported) and how many jobs' costs are
+unknown, and ends with one line on what stopped the run and how to resume.
+
+Webhooks (``--webhook-public-url`` and ``--webhook-listen``): a ``WebhookReceiver``
+served by uvicorn in this process (``_webhook_server``) gets the finished tasks pushed,
+and ``generate_many`` waits on it instead of polling (a rare poll remains as a safety
+net for a lost callback). The ``webhook`` field is delivery, not the job: it is left out
+of the derived idempotency key, so keys stay the same across runs. With ``--fake`` the
+embedded fake sends its callbacks to the listener over real HTTP.
+
+``--dry-run`` reads and checks every line and reports the jobs, images and estimated
+cost per model (``_dryrun``), without opening the journal or sending anything but an
+optional balance read.
 
 If a journal write fails (disk full, read-only filesystem), submitting stops at once,
 and every task id already paid for that the journal may not hold (those of jobs still
 in flight, and any that arrive while stopping) is printed on stderr and appended to a
 recovery file (see ``_selfcheck``); the next run adopts them.
 
-Exit status: 0 when every line is done, 1 when any is not, 2 for usage or
-configuration errors (also a rejected API key), 3 when the folder's journal belongs to
-another service or is damaged (nothing sent), 4 when a journal write failed mid-run,
-128+N when stopped by signal N. A closed stdout or stderr changes none of this.
+Exit status: 0 when every line is done, 1 when any is not (also when a spending limit
+or a 402 stopped submitting), 2 for usage or configuration errors (also a rejected API
+key), 3 when the folder's journal belongs to another service or is damaged (nothing
+sent), 4 when a journal write failed mid-run, 128+N when stopped by signal N. A closed
+stdout or stderr changes none of this.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
 import signal
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import urlsplit
 
 import anyio
 import anyio.lowlevel
@@ -66,6 +92,7 @@ from apimart_async import (
     ApimartError,
     AuthenticationError,
     BadRequestError,
+    BudgetExceededError,
     InsufficientBalanceError,
     InvalidRequestError,
     NotFoundError,
@@ -78,14 +105,17 @@ from apimart_async import (
     TaskStatus,
 )
 from apimart_async.models import parse_request
+from apimart_async.testing import DEFAULT_BASE_URL
 from apimart_async.types import CompletedEvent, FailedEvent, SubmittedEvent, SubmittingEvent
 
+from ._errors import describe, explain, facts
 from ._jobfile import IdRegistry, JobLine, JobReader, LineError, LineRef
 from ._journal import JobRecord, Journal, JournalError, JournalWriteError
 from ._keys import canonical, derived_key, file_digest, random_key
-from ._progress import BatchProgress, counts_table, problems_table
+from ._progress import BatchProgress, counts_table, plain_rows, problems_table
 from ._selfcheck import (
     EXIT_JOURNAL_FAILED,
+    RESULT_FIELDS,
     RESULTS_NAME,
     RESULTS_STAMP,
     JournalRefused,
@@ -96,34 +126,40 @@ from ._selfcheck import (
     results_stamp,
     write_recovery,
 )
-from ._setup import ClientOptions, UsageError, make_client
+from ._setup import FAKE_API_KEY, ClientOptions, UsageError, make_client
 from ._shard import Shard, parse_shard, shard_folders
 from ._signals import exit_status, interruptible
 
 if TYPE_CHECKING:
     import argparse
+    import socket
     from collections.abc import AsyncIterator, Callable, Sequence
 
     from anyio.abc import TaskGroup
 
-    from apimart_async import AsyncApimart, Event
+    from apimart_async import AsyncApimart, Event, OutcomeStream
     from apimart_async.models import BaseImageRequest
     from apimart_async.testing import FakeApimart
+    from apimart_async.webhooks import WebhookReceiver
 
+    from ._errors import ErrorFacts
     from ._setup import Runtime
     from ._ui import Ui
 
 __all__ = [
     "RESULTS_NAME",
+    "RESULT_FIELDS",
     "SHARD_MANIFEST",
+    "SUMMARY_FIELDS",
     "BatchResult",
     "BatchSettings",
     "cmd_batch",
-    "describe",
     "run_batch",
 ]
 
 SHARD_MANIFEST = "shard.json"
+WEBHOOK_TOKEN = "webhook_token"
+"""Journal meta key: the folder's secret webhook path token."""
 MAX_NOTES = 20
 MAX_INVALID_NOTES = 50
 MAX_PROBLEM_ROWS = 10
@@ -133,7 +169,9 @@ FLUSH_EVERY = 0.5
 MAX_UNCOMMITTED = 2000
 CHECKPOINT_EVERY = 256
 """Lines read between yields to the event loop (a run of skipped lines stays fair)."""
-_FATAL = (AuthenticationError, PermissionDeniedError, InsufficientBalanceError)
+# Errors after which no further submit starts (jobs already submitted carry on): the
+# library stops on the first two itself, and a 401 or 403 would meet every job alike.
+_STOPS = (BudgetExceededError, InsufficientBalanceError, AuthenticationError, PermissionDeniedError)
 # Errors after which a recorded task will never complete: it ended, or the service does
 # not know its id (a task query answers 400 for an unknown id).
 _TASK_GONE = (TaskFailedError, TaskCancelledError, BadRequestError, NotFoundError)
@@ -149,6 +187,25 @@ _MEANING = {
     "pending": "not started: rerun to run",
     "invalid": "invalid lines, skipped",
 }
+SUMMARY_FIELDS = (
+    "jobs_file",
+    "folder",
+    "results",
+    "jobs",
+    "counts",
+    "images",
+    "elapsed",
+    "spent",
+    "cost_unknown",
+    "total_spent",
+    "total_cost_unknown",
+    "stopped",
+    "webhooks",
+    "exit_status",
+)
+"""The keys of the ``--json`` summary, in order."""
+# A job whose cost may exist but is not known (for the summary's cost_unknown).
+_MAY_COST = ("submitting", "submitted", "completed", "done", "uncertain")
 
 
 class KeyBodyMismatch(ValueError):
@@ -171,6 +228,14 @@ class BatchSettings:
     batch_id: str | None = None
     rebuild: bool = False
     same_account: bool = False
+    as_json: bool = False
+    dry_run: bool = False
+    max_cost: float | None = None
+    max_images: int | None = None
+    prices: tuple[tuple[str, float], ...] = ()
+    """``--price MODEL=USD`` pairs (USD per image), the last one for a model winning."""
+    webhook_public_url: str | None = None
+    webhook_listen: tuple[str, int] | None = None
 
     @property
     def folder(self) -> Path:
@@ -188,12 +253,8 @@ class BatchResult:
     fake: FakeApimart | None = None
     elapsed: float = 0.0
     images: int = 0
-
-
-def describe(exc: BaseException) -> str:
-    """An error as one line: its class and message."""
-    text = " ".join(str(exc).split()) or "no details"
-    return f"{type(exc).__name__}: {text}"
+    summary: dict[str, Any] = field(default_factory=dict[str, Any])
+    """The ``--json`` summary (``SUMMARY_FIELDS``)."""
 
 
 def run_batch(
@@ -208,49 +269,131 @@ def run_batch(
 
     Raises ``UsageError`` (exit 2) and ``JournalRefused`` (exit 3) before any request.
     """
-    run = _Run(settings, ui, runtime)
-    client, fake = make_client(options, runtime)
-    service = _service(options, fake, client)
     batch_id, lines = _prepare_file(settings)
+    if settings.dry_run:
+        from ._dryrun import dry_run
+
+        return BatchResult(dry_run(settings, options, runtime, ui, backend=backend))
     if settings.strict:
         _strict_check(settings, ui)
     _check_layout(settings)
-    try:
-        journal, rebuild = open_checked(
-            settings.folder,
-            shared=settings.shard is not None,
-            rebuild=settings.rebuild,
-            fresh_ok=settings.kind == "demo",
-        )
-    except (JournalError, OSError) as exc:
-        raise UsageError(str(exc)) from None
-    with journal:
+    run = _Run(settings, ui, runtime, backend=backend)
+    client: AsyncApimart | None = None
+    fake: FakeApimart | None = None
+    if runtime.fake is not None or options.fake:
+        # The embedded fake keeps its state in the folder: it is created only once the
+        # journal has accepted this run (a fake's file never lands in a real batch's).
+        service = _fake_service(runtime)
+    else:
+        client, fake = make_client(options, runtime)
+        service = _api_service(options, client)
+    with contextlib.ExitStack() as stack:
+        run.receiver, run.listener = _webhook_listener(settings, stack)
         try:
-            note = bind(journal, service, same_account=settings.same_account)
-            notes = check_results(journal, rebuild=rebuild)
-            _record_run(journal, settings, batch_id)
-        except (JournalError, sqlite3.Error) as exc:
-            raise JournalRefused(f"cannot use the journal {journal.path}: {exc}") from None
-        for text in [note, *notes]:
-            if text:
-                ui.info(text)
-        run.start(journal, batch_id, lines)
-        try:
-            stopped = anyio.run(run.run, client, backend=backend)
-        except KeyboardInterrupt:  # no signal handler could be installed
-            stopped = signal.SIGINT
-        run.finish_listing(stopped)
-        summary = run.write_results()
-        result = run.summarize(summary, stopped)
+            journal, rebuild = open_checked(
+                settings.folder,
+                shared=settings.shard is not None,
+                rebuild=settings.rebuild,
+                fresh_ok=settings.kind == "demo",
+            )
+        except (JournalError, OSError) as exc:
+            raise UsageError(str(exc)) from None
+        with journal:
+            try:
+                note = bind(journal, service, same_account=settings.same_account)
+                notes = check_results(journal, rebuild=rebuild)
+                _record_run(journal, settings, batch_id)
+                if settings.webhook_public_url is not None and run.receiver is not None:
+                    run.receiver = _journaled_receiver(journal, settings.webhook_public_url)
+            except (JournalError, sqlite3.Error) as exc:
+                raise JournalRefused(f"cannot use the journal {journal.path}: {exc}") from None
+            if client is None:
+                client, fake = make_client(options, runtime, state_dir=settings.folder)
+            run.fake = fake
+            for text in [note, *notes]:
+                if text:
+                    ui.info(text)
+            run.start(journal, batch_id, lines)
+            try:
+                stopped = anyio.run(run.run, client, backend=backend)
+            except KeyboardInterrupt:  # no signal handler could be installed
+                stopped = signal.SIGINT
+            run.finish_listing(stopped)
+            summary = run.write_results()
+            result = run.summarize(summary, stopped)
     result.fake = fake
     return result
 
 
-def _service(options: ClientOptions, fake: FakeApimart | None, client: AsyncApimart) -> Service:
+def _journaled_receiver(journal: Journal, public_url: str) -> WebhookReceiver:
+    """The receiver for *public_url* with the folder's own secret path token (drawn on
+    the folder's first webhook run, then kept in its journal).
+
+    Every run of the folder then sends the same ``webhook`` URL: a resent body is the
+    body its idempotency key was first sent with, and a callback for a task of an
+    earlier run still finds the receiver. The token is kept in the journal, which is
+    as private as the folder; anyone who can read it could push forged results.
+    """
+    from apimart_async.webhooks import WebhookReceiver
+
+    token = journal.meta(WEBHOOK_TOKEN)
+    if token is None:
+        token = secrets.token_urlsafe(32)
+        journal.set_meta(WEBHOOK_TOKEN, token)
+        journal.commit()
+    return WebhookReceiver(public_url=public_url, token=token)
+
+
+def _fake_service(runtime: Runtime) -> Service:
+    fake = runtime.fake
     if fake is not None:
         return Service("fake", fake.base_url.rstrip("/"), fake.api_key)
+    return Service("fake", DEFAULT_BASE_URL.rstrip("/"), FAKE_API_KEY)
+
+
+def _api_service(options: ClientOptions, client: AsyncApimart) -> Service:
     key = options.api_key or os.environ.get("APIMART_API_KEY", "")
     return Service("api", str(client.base_url).rstrip("/"), key.strip())
+
+
+def _webhook_listener(
+    settings: BatchSettings, stack: contextlib.ExitStack
+) -> tuple[WebhookReceiver | None, socket.socket | None]:
+    """The receiver and its bound socket for ``--webhook-*`` (checked before anything is
+    sent), or ``(None, None)``; the socket is closed when *stack* is."""
+    public, listen = settings.webhook_public_url, settings.webhook_listen
+    if public is None and listen is None:
+        return None, None
+    if public is None or listen is None:
+        given, missing = (
+            ("--webhook-listen", "--webhook-public-url")
+            if public is None
+            else ("--webhook-public-url", "--webhook-listen")
+        )
+        raise UsageError(
+            f"{given} needs {missing} too: the service calls the public URL, which must "
+            "reach this process at the listen address"
+        )
+    from apimart_async.webhooks import WebhookReceiver
+
+    from ._webhook_server import ServerUnavailable, bind, require_server
+
+    try:
+        require_server()
+    except ServerUnavailable as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        receiver = WebhookReceiver(public_url=public)
+    except ValueError as exc:
+        text = explain(exc).replace("public_url: ", "", 1)
+        raise UsageError(f"--webhook-public-url {public!r}: {text}") from None
+    host, port = listen
+    try:
+        sock = bind(host, port)
+    except OSError as exc:
+        raise UsageError(f"--webhook-listen: cannot listen on {host}:{port}: {exc}") from None
+    stack.callback(sock.close)
+    return receiver, sock
 
 
 def _prepare_file(settings: BatchSettings) -> tuple[str, int]:
@@ -334,9 +477,27 @@ def _record_run(journal: Journal, settings: BatchSettings, batch_id: str) -> Non
 
 @dataclass(slots=True)
 class _Summary:
+    """What ``results.jsonl`` holds, counted as it is written."""
+
     counts: Counter[str]
     problems: list[tuple[int, str, str, str]]
     rows: int
+    spent: float = 0.0
+    """USD of every job's reported cost."""
+    cost_unknown: int = 0
+    """Jobs that may have cost something the service did not report."""
+
+    def add(self, row: dict[str, Any]) -> None:
+        """Count one ``results.jsonl`` record."""
+        status = str(row["status"])
+        self.rows += 1
+        self.counts[status] += 1
+        if row["cost"] is not None:
+            self.spent += float(row["cost"])
+        elif status in _MAY_COST:
+            self.cost_unknown += 1
+        if status != "done" and len(self.problems) <= MAX_PROBLEM_ROWS:
+            self.problems.append((row["line"], row["id"] or "-", status, _short(row["error"])))
 
 
 class _Active:
@@ -366,10 +527,19 @@ class _Active:
 class _Run:
     """One batch run: the plan, the journal writes, the downloads, the report."""
 
-    def __init__(self, settings: BatchSettings, ui: Ui, runtime: Runtime) -> None:
+    def __init__(
+        self, settings: BatchSettings, ui: Ui, runtime: Runtime, *, backend: str = "asyncio"
+    ) -> None:
         self.settings = settings
         self.ui = ui
         self.runtime = runtime
+        self.backend = backend
+        self.fake: FakeApimart | None = None
+        self.receiver: WebhookReceiver | None = None
+        self.listener: socket.socket | None = None
+        self.stream: OutcomeStream | None = None
+        self.stop: BaseException | None = None
+        """What stopped submitting (a limit, a 402, a 401 or 403): no more lines are fed."""
         self.journal: Journal | None = None
         self.reader: JobReader | None = None
         self.batch_id = ""
@@ -532,7 +702,7 @@ class _Run:
         text = body.decode("utf-8")
         if text == active.sent:
             return  # a retry of the same submit: already recorded
-        if active.expect is not None and canonical(json.loads(text)) != active.expect:
+        if active.expect is not None and canonical(self._job_body(text)) != active.expect:
             raise KeyBodyMismatch(
                 f"job {active.job.id}: not sending idempotency key {key} with a body other "
                 "than the one it was derived for"
@@ -552,6 +722,18 @@ class _Run:
             self._journal_failed(exc)
             raise
         active.sent = text
+
+    def _job_body(self, text: str) -> object:
+        """The submit body *text* without the webhook this run added: delivery, not the
+        job, so it is not part of the job's derived key (a line's own one is)."""
+        body: object = json.loads(text)
+        receiver = self.receiver
+        if receiver is None or not isinstance(body, dict):
+            return body
+        fields = cast("dict[str, object]", body)
+        if fields.get("webhook") == receiver.webhook_url:
+            return {k: v for k, v in fields.items() if k != "webhook"}
+        return fields
 
     def on_event(self, event: Event) -> None:
         """Record what the client reports, then update the display."""
@@ -574,7 +756,14 @@ class _Run:
                 elif isinstance(event, CompletedEvent):
                     task = event.task
                     if task.image_urls:
-                        journal.completed(job.id, task.id, task.image_urls, task.expires_at)
+                        journal.completed(
+                            job.id,
+                            task.id,
+                            task.image_urls,
+                            task.expires_at,
+                            cost=task.cost,
+                            credits_cost=task.credits_cost,
+                        )
                     else:
                         journal.note_error(job.id, _NO_URLS)
                 elif isinstance(event, FailedEvent):
@@ -590,22 +779,51 @@ class _Run:
         assert journal is not None
         job = active.job
         error = event.error
+        if (
+            isinstance(error, _STOPS)
+            and active.sent is None
+            and active.resume is None
+            and self.stop is not None
+        ):
+            # A job submitting had already stopped for: nothing was sent for it, so it
+            # stays pending (no journal row changes) and the rerun submits it.
+            if self.progress is not None:
+                self.progress.finished(ok=False, counted=False)
+            return
         text = describe(error)
+        known = facts(error)
         if isinstance(error, JournalWriteError):
             pass  # the failure itself is reported once, by _journal_failed
         elif isinstance(error, SubmissionUncertainError):
             body = json.dumps(error.request, separators=(",", ":"), ensure_ascii=False)
-            journal.uncertain(job.id, text, body)
+            journal.uncertain(job.id, text, body, facts=known)
         elif (active.task_id or active.resume) is not None and not isinstance(error, _TASK_GONE):
             # The task exists and may still complete (a timeout, an outage, a completion
             # without URLs): keep it "submitted" so the next run waits for it by id.
-            journal.note_error(job.id, text)
+            journal.note_error(job.id, text, facts=known)
         elif active.sent is not None or active.resume is not None:
-            journal.failed(job.id, text, event.task_id)
-        self._finished(job.line, job.id, ok=False, error=text)
-        if isinstance(error, _FATAL):
+            task = error.task if isinstance(error, TaskFailedError | TaskCancelledError) else None
+            journal.failed(
+                job.id,
+                text,
+                event.task_id,
+                facts=known,
+                cost=task.cost if task is not None else None,
+                credits_cost=task.credits_cost if task is not None else None,
+            )
+        if isinstance(error, _STOPS) and self.stop is None:
+            self.stop = error
             self.fatal_code = 2 if isinstance(error, AuthenticationError) else 1
-            self._abort(f"stopping: {text}")
+            self._note(f"stopping: {text}")
+            self._note(
+                "no further submits start; the jobs already submitted are waited for and downloaded"
+            )
+            if isinstance(error, BudgetExceededError) and active.sent is None:
+                # The job that met the limit was not sent either: it stays pending.
+                if self.progress is not None:
+                    self.progress.finished(ok=False, counted=False)
+                return
+        self._finished(job.line, job.id, ok=False, error=text)
 
     def _journal_failed(
         self, exc: JournalWriteError, lost: Sequence[tuple[str, str, str]] = ()
@@ -680,7 +898,8 @@ class _Run:
         title = self.settings.title or self.settings.jobs_path.name
         if self.settings.shard is not None:
             title = f"{title} [shard {self.settings.shard}]"
-        async with client:
+        async with client, contextlib.AsyncExitStack() as stack:
+            await self._listen(stack)
             with BatchProgress(
                 self.ui,
                 title=title,
@@ -697,6 +916,28 @@ class _Run:
                 self.images = progress.images
                 self.progress = None
         return stopped
+
+    async def _listen(self, stack: contextlib.AsyncExitStack) -> None:
+        """Serve the webhook receiver (and, with the embedded fake, send it callbacks)."""
+        receiver, sock = self.receiver, self.listener
+        if receiver is None or sock is None:
+            return
+        from ._webhook_server import listen_url, serving
+
+        host, port = sock.getsockname()[:2]
+        local = listen_url(str(host), int(port))
+        await stack.enter_async_context(serving(receiver, sock, backend=self.backend))
+        public = self.settings.webhook_public_url or ""
+        self.ui.info(
+            f"listening for webhooks on {local}; the service calls {public.rstrip('/')}"
+            "/<secret token>/callback, which must reach it"
+        )
+        if self.fake is not None:
+            # The embedded fake calls the public URL: route it to the listener, over
+            # real HTTP, as a reverse proxy in front of it would.
+            path = urlsplit(public).path.rstrip("/")
+            rewrite = {public.rstrip("/"): local + path}
+            await stack.enter_async_context(self.fake.webhook_sender(rewrite=rewrite))
 
     def _on_stop(self, signum: int) -> None:
         name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
@@ -734,7 +975,12 @@ class _Run:
             allow_unknown=self.settings.allow_unknown,
             idempotency_keys=lambda index, _: self.active[index].key,
             known_tasks=lambda index, _: self.active[index].resume,
+            max_cost=self.settings.max_cost,
+            max_images=self.settings.max_images,
+            prices=dict(self.settings.prices) or None,
+            webhook=self.receiver,
         ) as outcomes:
+            self.stream = outcomes
             async for outcome in outcomes:
                 active = self.active.pop(outcome.index)
                 self.by_key.pop(active.key, None)
@@ -759,7 +1005,7 @@ class _Run:
                 await anyio.lowlevel.checkpoint()
                 if journal.uncommitted > MAX_UNCOMMITTED:
                     self._flush()
-            if self.fatal is not None:
+            if self.fatal is not None or self.stop is not None:
                 return
             if isinstance(item, LineError):
                 self._invalid(item)
@@ -839,11 +1085,12 @@ class _Run:
             paths = await client.download(task, self.settings.folder, names=names)
         except ResultExpiredError as exc:
             text = describe(exc)
-            self._write(partial(journal.expired, job_id, text))
+            self._write(partial(journal.expired, job_id, text, facts=facts(exc)))
             self._finished(line, job_id, ok=False, error=text)
         except (ApimartError, OSError, ValueError) as exc:
             text = describe(exc)
-            self._write(partial(journal.note_error, job_id, text))  # stays "completed"
+            # It stays "completed": the next run downloads it again.
+            self._write(partial(journal.note_error, job_id, text, facts=facts(exc)))
             self._finished(line, job_id, ok=False, error=text)
         else:
             self._write(partial(journal.done, job_id, [p.name for p in paths]))
@@ -880,42 +1127,20 @@ class _Run:
         folder = self.settings.folder
         path = folder / RESULTS_NAME
         tmp = path.with_name(f".{RESULTS_NAME}.{os.getpid()}.tmp")
-        counts: Counter[str] = Counter()
-        problems: list[tuple[int, str, str, str]] = []
-        rows = 0
+        summary = _Summary(Counter(), [], 0)
         if self.failure is not None:
             # What the journal holds since its last commit is not durable: results.jsonl
             # must not claim more than the journal will hold on the next run.
             self.ui.info(f"{path} not updated: the journal could not be written")
-            return _Summary(counts, problems, rows)
+            return summary
+        stop = self.stop
+        not_started = (f"not started: {explain(stop)}", facts(stop)) if stop else None
         try:
             with tmp.open("w", encoding="utf-8") as fh:
                 for line, job_id, line_error, record in journal.lines():
-                    status = (
-                        "invalid"
-                        if line_error is not None
-                        else (record.state if record is not None else "pending")
-                    )
-                    error = (
-                        line_error
-                        if line_error is not None
-                        else (record.error if record is not None and status != "done" else None)
-                    )
-                    row = {
-                        "line": line,
-                        "id": job_id,
-                        "status": status,
-                        "task_id": record.task_id if record is not None else None,
-                        "files": list(record.files)
-                        if record is not None and status == "done"
-                        else [],
-                        "error": error,
-                    }
+                    row = _result_row(line, job_id, line_error, record, not_started)
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    rows += 1
-                    counts[status] += 1
-                    if status != "done" and len(problems) <= MAX_PROBLEM_ROWS:
-                        problems.append((line, job_id or "-", status, _short(error)))
+                    summary.add(row)
             tmp.replace(path)
             stamp = results_stamp(folder)
             if stamp is not None:
@@ -927,8 +1152,8 @@ class _Run:
         except JournalWriteError as exc:
             self.ui.error(str(exc))
         if self.settings.shard is not None:
-            self._write_manifest(counts)
-        return _Summary(counts, problems, rows)
+            self._write_manifest(summary.counts)
+        return summary
 
     def _write_manifest(self, counts: Counter[str]) -> None:
         shard = self.settings.shard
@@ -953,43 +1178,194 @@ class _Run:
         assert self.journal is not None
         counts = summary.counts
         folder = self.settings.folder
-        order = list(_MEANING)
-        meaning = dict(_MEANING, done=f"images in {folder}")
-        if self.settings.kind == "demo":
-            meaning["failed"] = "failed on purpose (injected task failures)"
-        table_rows = [
-            (status, str(counts[status]), meaning.get(status, ""))
-            for status in sorted(counts, key=lambda s: order.index(s) if s in order else 99)
-        ]
-        self.ui.show(counts_table(f"{self.settings.jobs_path.name} -> {folder}", table_rows))
-        problems = summary.problems
-        if problems:
-            shown = problems[:MAX_PROBLEM_ROWS]
-            more = summary.rows - counts["done"] - len(shown)
-            self.ui.show(problems_table(shown, more=more))
-        rate = self.images / self.elapsed if self.elapsed > 0 else 0.0
-        self.ui.result(
-            f"{self.images} images written in {self.elapsed:.1f}s ({rate:.1f} images/s); "
-            f"results: {folder / RESULTS_NAME}"
-        )
         if self.failure is not None:
             code = EXIT_JOURNAL_FAILED
         elif stopped is not None:
+            code = exit_status(stopped)
+        elif self.fatal is not None or self.stop is not None:
+            code = self.fatal_code
+        else:
+            code = 0 if counts["done"] == summary.rows else 1
+        report = self._report(summary, code)
+        if self.settings.as_json:
+            self.ui.result(json.dumps(report, ensure_ascii=False))
+        else:
+            self._show(summary)
+        rate = self.images / self.elapsed if self.elapsed > 0 else 0.0
+        line = (
+            f"{self.images} images written in {self.elapsed:.1f}s ({rate:.1f} images/s); "
+            f"results: {folder / RESULTS_NAME}"
+        )
+        if self.settings.as_json:
+            self.ui.info(line)
+        else:
+            self.ui.result(line)
+        self.ui.info(_spend_line(report))
+        if stopped is not None and self.failure is None:
             self.ui.info(
                 f"stopped. The journal is consistent: rerun the same command to resume "
                 f"({self.journal.path})"
             )
-            code = exit_status(stopped)
-        elif self.fatal is not None:
-            code = self.fatal_code
-        else:
-            code = 0 if counts["done"] == summary.rows else 1
+        elif self.stop is not None and self.failure is None:
+            self.ui.error(_stop_line(self.stop, summary.counts["pending"]))
         records: dict[str, JobRecord] = {}
         if summary.rows <= 10_000:  # for callers (the demo); a huge batch keeps memory flat
             for _, job_id, _, record in self.journal.lines():
                 if job_id is not None and record is not None:
                     records[job_id] = record
-        return BatchResult(code, records, counts, None, self.elapsed, self.images)
+        return BatchResult(code, records, counts, None, self.elapsed, self.images, report)
+
+    def _show(self, summary: _Summary) -> None:
+        """The counts and the jobs not done: tables on a terminal, plain lines otherwise."""
+        counts = summary.counts
+        folder = self.settings.folder
+        order = list(_MEANING)
+        meaning = dict(_MEANING, done=f"images in {folder}")
+        if self.settings.kind == "demo":
+            meaning["failed"] = "failed on purpose (injected task failures)"
+        rows = [
+            (status, str(counts[status]), meaning.get(status, ""))
+            for status in sorted(counts, key=lambda s: order.index(s) if s in order else 99)
+        ]
+        title = f"{self.settings.jobs_path.name} -> {folder}"
+        shown = summary.problems[:MAX_PROBLEM_ROWS]
+        more = summary.rows - counts["done"] - len(shown)
+        if self.ui.stdout.isatty():
+            self.ui.show(counts_table(title, rows))
+            if shown:
+                self.ui.show(problems_table(shown, more=more))
+            return
+        self.ui.result(title)
+        for text in plain_rows(("status", "jobs", "meaning"), rows):
+            self.ui.result(text)
+        if shown:
+            self.ui.result("not done:")
+            problems = [(str(line), job, status, error) for line, job, status, error in shown]
+            for text in plain_rows(("line", "id", "status", "error"), problems):
+                self.ui.result(text)
+            if more:
+                self.ui.result(f"... and {more} more (see {RESULTS_NAME})")
+
+    def _report(self, summary: _Summary, code: int) -> dict[str, Any]:
+        """The ``--json`` summary (``SUMMARY_FIELDS``)."""
+        stream = self.stream
+        stop = self.stop
+        stopped: dict[str, Any] | None = None
+        if stop is not None:
+            stopped = {
+                "error_type": type(stop).__name__,
+                "error_code": facts(stop).code,
+                "message": explain(stop),
+                "not_started": summary.counts["pending"],
+            }
+        webhooks: dict[str, Any] | None = None
+        if self.receiver is not None:
+            stats = self.receiver.stats
+            webhooks = {
+                "received": stats.received,
+                "duplicates": stats.duplicates,
+                "rejected": stats.rejected_total,
+            }
+        report: dict[str, Any] = {
+            "jobs_file": str(self.settings.jobs_path),
+            "folder": str(self.settings.folder),
+            "results": str(self.settings.folder / RESULTS_NAME),
+            "jobs": summary.rows,
+            "counts": dict(summary.counts),
+            "images": self.images,
+            "elapsed": round(self.elapsed, 3),
+            "spent": round(stream.spent, 6) if stream is not None else 0.0,
+            "cost_unknown": stream.cost_unknown if stream is not None else 0,
+            "total_spent": round(summary.spent, 6),
+            "total_cost_unknown": summary.cost_unknown,
+            "stopped": stopped,
+            "webhooks": webhooks,
+            "exit_status": code,
+        }
+        return report
+
+
+def _result_row(
+    line: int,
+    job_id: str | None,
+    line_error: str | None,
+    record: JobRecord | None,
+    not_started: tuple[str, ErrorFacts] | None,
+) -> dict[str, Any]:
+    """One ``results.jsonl`` record (``RESULT_FIELDS``)."""
+    status = "invalid" if line_error is not None else (record.state if record else "pending")
+    row: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
+    row.update(line=line, id=job_id, status=status, files=[], urls=[])
+    if line_error is not None:
+        row.update(error=line_error, error_type="InvalidLine")
+        return row
+    if record is None:
+        if not_started is not None:  # a limit or a 402/401 kept it from starting
+            text, known = not_started
+            row.update(error=text, error_type=known.type, error_code=known.code)
+        return row
+    row.update(
+        task_id=record.task_id,
+        urls=list(record.image_urls),
+        expires_at=record.expires_at.isoformat() if record.expires_at else None,
+        cost=record.cost,
+        credits_cost=record.credits_cost,
+    )
+    if status == "done":
+        row["files"] = list(record.files)
+    elif record.error is not None:
+        row.update(
+            error=record.error,
+            error_type=record.error_type,
+            error_code=record.error_code,
+            request_id=record.request_id,
+        )
+    elif status == "pending" and not_started is not None:
+        text, known = not_started
+        row.update(error=text, error_type=known.type, error_code=known.code)
+    return row
+
+
+def _spend_line(report: dict[str, Any]) -> str:
+    """What this run (and the whole folder) spent, as the service reported."""
+    text = f"spent by this run: {report['spent']:.2f} USD"
+    if report["cost_unknown"]:
+        text += f" (+ {report['cost_unknown']} job(s) of unknown cost)"
+    text += f"; in this folder so far: {report['total_spent']:.2f} USD"
+    if report["total_cost_unknown"]:
+        text += f" (+ {report['total_cost_unknown']} job(s) of unknown cost)"
+    return text
+
+
+def _stop_line(stop: BaseException, waiting: int) -> str:
+    """One line: what stopped submitting, and how to resume."""
+    left = f"{waiting} job(s) not started" if waiting else "every job was started"
+    rerun = "rerun the same command (finished jobs are skipped; nothing is paid twice)"
+    if isinstance(stop, BudgetExceededError):
+        if str(stop).startswith("max_images"):
+            reached = f"--max-images {stop.limit:g} reached ({stop.spent:g} images submitted)"
+            flag = "--max-images"
+        else:
+            reached = (
+                f"--max-cost {stop.limit:.2f} USD reached ({stop.spent:.2f} USD spent, "
+                f"{stop.reserved:.2f} USD reserved by submits under way)"
+            )
+            flag = "--max-cost"
+        return f"stopped submitting: {reached}; {left}. To continue, {rerun} with a higher {flag}"
+    if isinstance(stop, InsufficientBalanceError):
+        return (
+            f"stopped submitting: the balance is exhausted ({explain(stop)}); {left}. Top it "
+            f"up (see `apimart balance`), then {rerun}"
+        )
+    if isinstance(stop, AuthenticationError):
+        return (
+            f"stopped submitting: the API key was rejected ({explain(stop)}); {left}. Fix "
+            f"APIMART_API_KEY or --api-key, then {rerun}; another key of the same account "
+            "also needs --same-account"
+        )
+    return (
+        f"stopped submitting: {describe(stop)}; {left}. Once the key may use these models, {rerun}"
+    )
 
 
 def _short(error: object) -> str:
@@ -1039,6 +1415,13 @@ def cmd_batch(args: argparse.Namespace, runtime: Runtime, ui: Ui) -> int:
         batch_id=args.batch_id,
         rebuild=args.rebuild_journal,
         same_account=args.same_account,
+        as_json=args.json,
+        dry_run=args.dry_run,
+        max_cost=args.max_cost,
+        max_images=args.max_images,
+        prices=tuple(args.price or ()),
+        webhook_public_url=args.webhook_public_url,
+        webhook_listen=args.webhook_listen,
     )
     options = ClientOptions.from_args(args)
     fake = bool(args.fake) or runtime.fake is not None

@@ -1,16 +1,21 @@
-"""The single-shot commands: ``generate``, ``upload``, ``task`` and ``models``.
+"""The single-shot commands: ``generate``, ``upload``, ``task`` and ``balance``.
 
 Each returns its exit status: 0 on success, 1 when the service or a task failed, 2 for
-usage or configuration errors (``UsageError``, raised before any request), 128+N when
-stopped by signal N. Results go to stdout (file paths, URLs, JSON); the live status
-line and messages go to stderr.
+usage or configuration errors (``UsageError``, raised before any request; also a key
+the service rejects), 128+N when stopped by signal N. Results go to stdout (file paths,
+URLs, JSON); the live status line and messages go to stderr, errors in the command
+line's words (``_errors``), each with what to run next where there is something.
+
+``--fake`` keeps the embedded fake's state in the output folder (``generate --out``,
+``task --download``, default the current directory), so ``apimart task ID --fake
+--wait --download DIR`` picks up a task that ``apimart generate --fake --out DIR`` left
+running when it was interrupted.
 """
 
 from __future__ import annotations
 
 import json
 import signal
-from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,13 +24,14 @@ import anyio
 from apimart_async import (
     ApimartError,
     AuthenticationError,
+    InsufficientBalanceError,
     InvalidRequestError,
     SubmissionUncertainError,
     TaskError,
     TaskStatus,
     TaskTimeoutError,
 )
-from apimart_async.models import MODELS, parse_request
+from apimart_async.models import parse_request
 from apimart_async.types import (
     CompletedEvent,
     ProgressEvent,
@@ -33,7 +39,8 @@ from apimart_async.types import (
     UploadedEvent,
 )
 
-from ._batch import describe
+from ._args import FAKE_STATE_NAME
+from ._errors import describe, explain
 from ._jobfile import local_image
 from ._progress import StatusLine
 from ._setup import ClientOptions, UsageError, make_client
@@ -43,13 +50,13 @@ if TYPE_CHECKING:
     import argparse
     from collections.abc import Awaitable, Callable
 
-    from apimart_async import AsyncApimart, Event, Task
+    from apimart_async import AccountBalance, AsyncApimart, Event, Task
     from apimart_async.models import BaseImageRequest
 
     from ._setup import Runtime
     from ._ui import Ui
 
-__all__ = ["build_request", "cmd_generate", "cmd_models", "cmd_task", "cmd_upload"]
+__all__ = ["build_request", "cmd_balance", "cmd_generate", "cmd_task", "cmd_upload"]
 
 
 def event_text(event: Event) -> tuple[str, bool] | None:
@@ -97,27 +104,39 @@ def build_request(args: argparse.Namespace) -> BaseImageRequest:
             value = text
         data[key.strip()] = value
     try:
-        return parse_request(data, allow_unknown=args.allow_unknown_model)
+        return parse_request(data, allow_unknown=args.allow_unknown_models)
     except InvalidRequestError as exc:
-        raise UsageError(str(exc)) from None
+        raise UsageError(explain(exc)) from None
 
 
-def _failure(exc: BaseException, ui: Ui) -> int:
-    """Report a failed call; return the exit status."""
+def _resume_command(task_id: str, folder: str = "DIR", *, fake: bool = False) -> str:
+    """The command that waits for *task_id* again and downloads its images."""
+    return f"apimart task {task_id} --wait --download {folder}" + (" --fake" if fake else "")
+
+
+def _failure(exc: BaseException, ui: Ui, *, resume: Callable[[str], str] = _resume_command) -> int:
+    """Report a failed call (with what to do next); return the exit status.
+
+    *resume(task_id)*: the command that picks a task up again.
+    """
     if isinstance(exc, SubmissionUncertainError):
         ui.error(
-            f"{describe(exc)}\nThe task may exist: check your APIMart dashboard before trying "
-            "again, or resend with the same idempotency key."
+            f"{describe(exc)}\nThe task may exist: check the APIMart dashboard before "
+            "running the command again (a new run sends a new submit, which may be paid "
+            "again)."
         )
         return 1
     if isinstance(exc, TaskTimeoutError):
-        ui.error(
-            f"{describe(exc)}\nIt may still complete: apimart task {exc.task_id} --wait "
-            "--download DIR"
-        )
+        ui.error(f"{describe(exc)}\nTo wait for it again: {resume(exc.task_id)}")
         return 1
+    if isinstance(exc, InsufficientBalanceError):
+        ui.error(f"{describe(exc)}\nThe balance is exhausted: see `apimart balance`.")
+        return 1
+    if isinstance(exc, AuthenticationError):
+        ui.error(f"{describe(exc)}\nThe API key was rejected: check APIMART_API_KEY or --api-key.")
+        return 2
     ui.error(describe(exc))
-    return 2 if isinstance(exc, AuthenticationError) else 1
+    return 1
 
 
 def _stop_note(ui: Ui) -> Callable[[int], None]:
@@ -128,15 +147,20 @@ def _stop_note(ui: Ui) -> Callable[[int], None]:
     return note
 
 
-async def _guarded(body: Callable[[], Awaitable[None]], ui: Ui) -> int:
+async def _guarded(
+    body: Callable[[], Awaitable[None]],
+    ui: Ui,
+    *,
+    resume: Callable[[str], str] = _resume_command,
+) -> int:
     """Run *body* interruptibly; map its failure to an exit status."""
     try:
         stopped = await interruptible(body, on_stop=_stop_note(ui))
     except InvalidRequestError as exc:  # e.g. an image that is not an image
-        ui.error(str(exc))
+        ui.error(explain(exc))
         return 2
     except ApimartError as exc:
-        return _failure(exc, ui)
+        return _failure(exc, ui, resume=resume)
     except OSError as exc:  # the output folder cannot be written, say
         ui.error(str(exc))
         return 1
@@ -149,19 +173,32 @@ async def _guarded(body: Callable[[], Awaitable[None]], ui: Ui) -> int:
 def cmd_generate(args: argparse.Namespace, runtime: Runtime, ui: Ui) -> int:
     """``apimart generate``: one pipeline with a live status line; prints saved paths."""
     request = build_request(args)
-    client, _ = make_client(ClientOptions.from_args(args), runtime)
-    return anyio.run(_generate, client, request, Path(args.out), ui, runtime, backend=args.backend)
+    out = Path(args.out)
+    client, fake = make_client(ClientOptions.from_args(args), runtime, state_dir=out)
+    fake_flag = bool(args.fake) and fake is not None
+    return anyio.run(_generate, client, request, out, ui, runtime, fake_flag, backend=args.backend)
 
 
 async def _generate(
-    client: AsyncApimart, request: BaseImageRequest, out: Path, ui: Ui, runtime: Runtime
+    client: AsyncApimart,
+    request: BaseImageRequest,
+    out: Path,
+    ui: Ui,
+    runtime: Runtime,
+    fake: bool,
 ) -> int:
     saved: list[Path] = []
     submitted: list[str] = []
+
+    def resume(task_id: str) -> str:
+        return _resume_command(task_id, str(out), fake=fake)
+
     async with client:
 
         async def body() -> None:
-            with StatusLine(ui, f"{request.model}: starting") as status:
+            # Nothing is announced before the first step happens: a request that fails
+            # its checks (an image that is not one, say) prints only its error.
+            with StatusLine(ui, f"{request.model}: starting", announce=False) as status:
 
                 def on_event(event: Event) -> None:
                     if isinstance(event, SubmittedEvent):
@@ -175,14 +212,11 @@ async def _generate(
                 task = await client.generate(request, on_event=on_event)
                 saved.extend(await client.download(task, out))
 
-        code = await _guarded(body, ui)
+        code = await _guarded(body, ui, resume=resume)
     for path in saved:
         ui.result(str(path))
     if code >= 128 and submitted and not saved:
-        ui.info(
-            f"task {submitted[0]} may still complete: "
-            f"apimart task {submitted[0]} --wait --download {out}"
-        )
+        ui.info(f"task {submitted[0]} may still complete: {resume(submitted[0])}")
     return code
 
 
@@ -220,8 +254,15 @@ async def _upload(client: AsyncApimart, path: Path, as_json: bool, ui: Ui) -> in
 
 
 def cmd_task(args: argparse.Namespace, runtime: Runtime, ui: Ui) -> int:
-    """``apimart task TASK_ID [--wait] [--download DIR]``."""
-    client, _ = make_client(ClientOptions.from_args(args), runtime)
+    """``apimart task TASK_ID [--wait] [--download DIR] [--fake]``."""
+    folder = Path(args.download or ".")
+    if args.fake and runtime.fake is None and not (folder / FAKE_STATE_NAME).is_file():
+        ui.warn(
+            f"{folder / FAKE_STATE_NAME} does not exist: this fake service knows no task "
+            "yet (with --fake, pass the folder `apimart generate --fake --out DIR` wrote "
+            "to as --download DIR)"
+        )
+    client, _ = make_client(ClientOptions.from_args(args), runtime, state_dir=folder)
     return anyio.run(_task, client, args, ui, runtime, backend=args.backend)
 
 
@@ -264,7 +305,10 @@ async def _task(client: AsyncApimart, args: argparse.Namespace, ui: Ui, runtime:
                         task = exc.task
             state["task"] = task
 
-        code = await _guarded(body, ui)
+        def resume(task_id: str) -> str:
+            return _resume_command(task_id, args.download or "DIR", fake=bool(args.fake))
+
+        code = await _guarded(body, ui, resume=resume)
         task = state.get("task")
         if task is None:
             return code
@@ -287,46 +331,43 @@ async def _task(client: AsyncApimart, args: argparse.Namespace, ui: Ui, runtime:
         return code
 
 
-# -- models ---------------------------------------------------------------------------
+# -- balance --------------------------------------------------------------------------
 
 
-def cmd_models(args: argparse.Namespace, runtime: Runtime, ui: Ui) -> int:
-    """``apimart models``: what each model accepts (the local validation rules)."""
-    del runtime
-    classes = list(dict.fromkeys(MODELS.values()))
-    rules = [cls.rules() for cls in classes]
-    if args.json:
-        ui.result(json.dumps([asdict(r) for r in rules], indent=2))
-        return 0
-    from rich.table import Table
+def cmd_balance(args: argparse.Namespace, runtime: Runtime, ui: Ui) -> int:
+    """``apimart balance [--account] [--json]``: what is left to spend (costs nothing)."""
+    client, _ = make_client(ClientOptions.from_args(args), runtime)
+    return anyio.run(_balance, client, args, ui, backend=args.backend)
 
-    table = Table(title="models and what they accept", title_justify="left", show_lines=True)
-    table.add_column("model", no_wrap=True)
-    for column in ("size", "resolution", "n", "images", "data URIs", "other fields"):
-        table.add_column(column, overflow="fold")
-    notes: list[str] = []
-    for r in rules:
-        n = "-" if r.n_range is None else "-".join(dict.fromkeys(map(str, r.n_range)))
-        images = "any" if r.max_images is None else str(r.max_images)
-        extras = "\n".join(r.extra_fields) or "-"
-        if r.max_prompt_chars is not None:
-            extras += f"\nprompt <= {r.max_prompt_chars} chars"
-        table.add_row(
-            "\n".join(r.models),
-            ", ".join(r.sizes) or "-",
-            ", ".join(r.resolutions) or "-",
-            n,
-            images,
-            "yes" if r.data_uris else "no",
-            extras,
-        )
-        if r.notes:
-            notes.append(f"{r.models[0]}: {r.notes}")
-    ui.show(table)
-    for note in notes:
-        ui.result(note)
-    ui.result(
-        "other model ids: generate --allow-unknown-model / batch --allow-unknown-models "
-        "send them without local validation"
-    )
-    return 0
+
+def balance_text(balance: AccountBalance) -> str:
+    """A balance as ``12.34 USD left (5.00 used)``, or ``unlimited``."""
+    unit = balance.unit or "USD"
+    used = f" ({balance.used:.2f} {unit} used)" if balance.used is not None else ""
+    if balance.unlimited:
+        return f"unlimited{used}"
+    left = "unknown" if balance.remaining is None else f"{balance.remaining:.2f}"
+    return f"{left} {unit} left{used}"
+
+
+async def _balance(client: AsyncApimart, args: argparse.Namespace, ui: Ui) -> int:
+    async with client:
+
+        async def body() -> None:
+            balance = await client.balance(account=args.account)
+            if args.json:
+                ui.result(
+                    json.dumps(
+                        {
+                            "scope": "account" if args.account else "key",
+                            "remaining": balance.remaining,
+                            "used": balance.used,
+                            "unlimited": balance.unlimited,
+                            "unit": balance.unit,
+                        }
+                    )
+                )
+            else:
+                ui.result(f"{'account' if args.account else 'key'}: {balance_text(balance)}")
+
+        return await _guarded(body, ui)

@@ -27,6 +27,11 @@ crash costs only a repeated query or download, never a payment. With WAL and
 last ones). Sharded journals (``shared=True``) use a rollback journal, which works on a
 network filesystem where WAL's shared memory does not.
 
+Each row also keeps what ``results.jsonl`` reports beyond the state (schema 3): the
+error's class, the service's code and request id, the task's result URLs and their
+expiry, and its cost as the service reported it (``cost`` USD, ``credits_cost``).
+Older journals are migrated in place when opened.
+
 The journal is bound to the service it was made with (``meta``: the API origin,
 whether it is the embedded fake, and an account fingerprint: a salted hash of the API
 key, never the key), checked by ``_selfcheck`` before anything is sent. A lock file
@@ -58,6 +63,8 @@ if TYPE_CHECKING:
 
     from typing_extensions import Self
 
+    from ._errors import ErrorFacts
+
 __all__ = [
     "JOURNAL_NAME",
     "JobRecord",
@@ -72,7 +79,7 @@ __all__ = [
 
 JOURNAL_NAME = "journal.sqlite3"
 LOCK_NAME = ".journal.lock"
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 State = Literal[
     "pending", "submitting", "submitted", "completed", "done", "failed", "uncertain", "expired"
@@ -98,7 +105,12 @@ CREATE TABLE IF NOT EXISTS jobs (
     attempts INTEGER NOT NULL DEFAULT 0,
     updated_at TEXT NOT NULL,
     generation INTEGER NOT NULL DEFAULT 0,
-    note TEXT
+    note TEXT,
+    error_type TEXT,
+    error_code TEXT,
+    request_id TEXT,
+    cost REAL,
+    credits_cost REAL
 );
 CREATE TABLE IF NOT EXISTS history (
     seq INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -114,6 +126,15 @@ _MIGRATE_1_TO_2 = """
 ALTER TABLE jobs ADD COLUMN generation INTEGER NOT NULL DEFAULT 0;
 ALTER TABLE jobs ADD COLUMN note TEXT;
 ALTER TABLE history ADD COLUMN key TEXT;
+"""
+# Version 3: what results.jsonl reports about an error (its class, the service's code
+# and request id) and what a task cost, as the service said.
+_MIGRATE_2_TO_3 = """
+ALTER TABLE jobs ADD COLUMN error_type TEXT;
+ALTER TABLE jobs ADD COLUMN error_code TEXT;
+ALTER TABLE jobs ADD COLUMN request_id TEXT;
+ALTER TABLE jobs ADD COLUMN cost REAL;
+ALTER TABLE jobs ADD COLUMN credits_cost REAL;
 """
 # Every change of a job's state is logged by sqlite itself: one statement per change
 # from Python instead of two (each call into sqlite costs a GIL hand-off while the
@@ -148,6 +169,26 @@ class JournalWriteError(JournalError):
     """A journal write failed (disk full, read-only); nothing more can be recorded."""
 
 
+_NO_ERROR: dict[str, Any] = {
+    "error": None,
+    "error_type": None,
+    "error_code": None,
+    "request_id": None,
+}
+
+
+def _error_columns(error: str, facts: ErrorFacts | None) -> dict[str, Any]:
+    """The error columns for *error* (and what *facts* say about it)."""
+    if facts is None:
+        return {"error": error, "error_type": None, "error_code": None, "request_id": None}
+    return {
+        "error": error,
+        "error_type": facts.type,
+        "error_code": json.dumps(facts.code) if facts.code is not None else None,
+        "request_id": facts.request_id,
+    }
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
 
@@ -174,6 +215,16 @@ class JobRecord:
     updated_at: str = ""
     generation: int = 0
     """Retries after failure so far (part of the job's derived idempotency key)."""
+    error_type: str | None = None
+    """The class of the error in *error* (``TaskFailedError``, ...)."""
+    error_code: int | str | None = None
+    """The service's code for it, when it gave one."""
+    request_id: str | None = None
+    """The service's request id for it, when it gave one."""
+    cost: float | None = None
+    """What the task cost in USD, as the service reported (None: not said)."""
+    credits_cost: float | None = None
+    """The same in the service's credits."""
 
     @classmethod
     def _from_row(cls, row: sqlite3.Row) -> JobRecord:
@@ -193,6 +244,11 @@ class JobRecord:
             attempts=row["attempts"],
             updated_at=row["updated_at"],
             generation=row["generation"],
+            error_type=row["error_type"],
+            error_code=json.loads(row["error_code"]) if row["error_code"] else None,
+            request_id=row["request_id"],
+            cost=row["cost"],
+            credits_cost=row["credits_cost"],
         )
 
 
@@ -241,6 +297,8 @@ class Journal:
                     db.executescript(_SCHEMA if version is None else "")
                     if version == 1:
                         db.executescript(_MIGRATE_1_TO_2)
+                    if version in (1, 2):
+                        db.executescript(_MIGRATE_2_TO_3)
                     db.executescript(_TRIGGERS)
                     if version is None:
                         _set_meta(db, "created_at", _now())
@@ -379,10 +437,17 @@ class Journal:
 
     def submitted(self, job_id: str, task_id: str) -> None:
         """The service created task *task_id* for the job (commit at once)."""
-        self._change(job_id, "submitted", task_id=task_id, error=None)
+        self._change(job_id, "submitted", task_id=task_id, **_NO_ERROR)
 
     def completed(
-        self, job_id: str, task_id: str, urls: Sequence[str], expires_at: datetime | None
+        self,
+        job_id: str,
+        task_id: str,
+        urls: Sequence[str],
+        expires_at: datetime | None,
+        *,
+        cost: float | None = None,
+        credits_cost: float | None = None,
     ) -> None:
         """The task completed; its result URLs are valid until *expires_at*."""
         self._change(
@@ -391,34 +456,47 @@ class Journal:
             task_id=task_id,
             image_urls=json.dumps(list(urls)) if urls else None,
             expires_at=expires_at.isoformat() if expires_at else None,
-            error=None,
+            cost=cost,
+            credits_cost=credits_cost,
+            **_NO_ERROR,
         )
 
     def done(self, job_id: str, files: Sequence[str]) -> None:
         """Every image of the job is in the output folder as *files*."""
-        self._change(job_id, "done", files=json.dumps(list(files)) if files else None, error=None)
+        self._change(job_id, "done", files=json.dumps(list(files)) if files else None, **_NO_ERROR)
 
-    def failed(self, job_id: str, error: str, task_id: str | None = None) -> None:
+    def failed(
+        self,
+        job_id: str,
+        error: str,
+        task_id: str | None = None,
+        *,
+        facts: ErrorFacts | None = None,
+        cost: float | None = None,
+        credits_cost: float | None = None,
+    ) -> None:
         """The job failed for good this run (a rerun retries it with a new key)."""
-        if task_id is None:
-            self._change(job_id, "failed", detail=error, error=error)
-        else:
-            self._change(job_id, "failed", detail=error, error=error, task_id=task_id)
+        columns = _error_columns(error, facts)
+        if task_id is not None:
+            columns.update(task_id=task_id, cost=cost, credits_cost=credits_cost)
+        self._change(job_id, "failed", detail=error, **columns)
 
-    def uncertain(self, job_id: str, error: str, body: str | None) -> None:
+    def uncertain(
+        self, job_id: str, error: str, body: str | None, *, facts: ErrorFacts | None = None
+    ) -> None:
         """The submit may or may not have created a task; the key is kept."""
-        if body is None:
-            self._change(job_id, "uncertain", detail=error, error=error)
-        else:
-            self._change(job_id, "uncertain", detail=error, error=error, request_body=body)
+        columns = _error_columns(error, facts)
+        if body is not None:
+            columns["request_body"] = body
+        self._change(job_id, "uncertain", detail=error, **columns)
 
-    def expired(self, job_id: str, error: str) -> None:
+    def expired(self, job_id: str, error: str, *, facts: ErrorFacts | None = None) -> None:
         """The results expired before they were downloaded."""
-        self._change(job_id, "expired", detail=error, error=error)
+        self._change(job_id, "expired", detail=error, **_error_columns(error, facts))
 
-    def note_error(self, job_id: str, error: str) -> None:
+    def note_error(self, job_id: str, error: str, *, facts: ErrorFacts | None = None) -> None:
         """Record *error* without changing the state (a timeout, a failed download)."""
-        self._change(job_id, None, detail=error, error=error)
+        self._change(job_id, None, detail=error, **_error_columns(error, facts))
 
     def seen(self, job_id: str, *, line: int, fingerprint: str) -> None:
         """Note the job's current line and request fingerprint (no state change)."""
@@ -443,7 +521,9 @@ class Journal:
             image_urls=None,
             expires_at=None,
             files=None,
-            error=None,
+            cost=None,
+            credits_cost=None,
+            **_NO_ERROR,
         )
         return generation
 

@@ -30,8 +30,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ._jobfile import IdRegistry, JobReader, LineError
-from ._progress import counts_table
-from ._selfcheck import RESULTS_NAME
+from ._progress import counts_table, plain_rows
+from ._selfcheck import RESULT_FIELDS, RESULTS_NAME
 from ._setup import UsageError
 from ._shard import shard_folders
 
@@ -154,15 +154,16 @@ def _missing(db: sqlite3.Connection, source: Path | None) -> list[str]:
 
 
 def _unreported(db: sqlite3.Connection, line: int, job_id: str | None) -> None:
-    row: dict[str, Any] = {
-        "line": line,
-        "id": job_id,
-        "status": "missing",
-        "task_id": None,
-        "files": [],
-        "error": "no shard reported this job",
-        "shard": None,
-    }
+    row: dict[str, Any] = dict.fromkeys(RESULT_FIELDS)
+    row.update(
+        line=line,
+        id=job_id,
+        status="missing",
+        files=[],
+        urls=[],
+        error="no shard reported this job",
+        shard=None,
+    )
     if job_id is None:
         db.execute("INSERT OR IGNORE INTO bad VALUES (?, ?)", (line, json.dumps(row)))
     else:
@@ -196,7 +197,12 @@ def _report(
     source: Path | None,
 ) -> int:
     rows = [(status, str(count), "") for status, count in sorted(counts.items())]
-    ui.err.print(counts_table(f"{total} shards merged", rows))
+    if ui.stderr.isatty():
+        ui.err.print(counts_table(f"{total} shards merged", rows))
+    else:
+        ui.info(f"{total} shards merged")
+        for text in plain_rows(("status", "jobs"), [row[:2] for row in rows]):
+            ui.info(text)
     ui.info(f"results: {directory / RESULTS_NAME}")
     for index in silent:
         ui.warn(f"shard {index}/{total} has no results yet (DIR/shard-{index}-of-{total})")

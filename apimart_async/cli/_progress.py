@@ -3,7 +3,8 @@
 ``BatchProgress`` counts jobs done, failed and in flight, and images written; it draws
 a rich progress bar (with images/s and an ETA) or prints a plain status line every few
 seconds when stderr is not a terminal. ``StatusLine`` is the one-line live status of a
-single pipeline (``generate``, ``task --wait``).
+single pipeline (``generate``, ``task --wait``). Summaries are rich tables on a
+terminal, and ``plain_rows`` (tab-separated, no box drawing, no padding) elsewhere.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ if TYPE_CHECKING:
 
     from ._ui import Ui
 
-__all__ = ["BatchProgress", "StatusLine", "counts_table", "problems_table"]
+__all__ = ["BatchProgress", "StatusLine", "counts_table", "plain_rows", "problems_table"]
 
 # Plain mode prints a line at most this often while things change, and at least this
 # often while nothing does (so a log shows the run is alive).
@@ -73,9 +74,13 @@ class BatchProgress:
         self.in_flight += 1
         self._refresh()
 
-    def finished(self, *, ok: bool, images: int = 0) -> None:
-        """A started job ended: *ok* with *images* written, or not."""
+    def finished(self, *, ok: bool, images: int = 0, counted: bool = True) -> None:
+        """A started job ended: *ok* with *images* written, or not; not *counted*: it
+        never really started (submitting had stopped), so it only leaves the flight."""
         self.in_flight = max(0, self.in_flight - 1)
+        if not counted:
+            self._refresh()
+            return
         self._finished_here += 1
         if ok:
             self.done += 1
@@ -220,9 +225,11 @@ class BatchProgress:
 class StatusLine:
     """A live one-line status (a spinner on a terminal, changed lines otherwise)."""
 
-    def __init__(self, ui: Ui, text: str) -> None:
+    def __init__(self, ui: Ui, text: str, *, announce: bool = True) -> None:
+        """*announce*: print *text* at once in plain mode (else only the first update)."""
         self.ui = ui
         self._text = text
+        self._announce = announce
         self._status: Status | None = None
         self._printed_at = 0.0
 
@@ -230,7 +237,7 @@ class StatusLine:
         if self.ui.mode == "bar":
             self._status = self.ui.err.status(self._text)
             self._status.start()
-        elif self.ui.mode == "plain":
+        elif self.ui.mode == "plain" and self._announce:
             self._print(self._text)
         return self
 
@@ -282,3 +289,12 @@ def problems_table(rows: Sequence[tuple[int, str, str, str]], *, more: int) -> T
     for line, job_id, status, error in rows:
         table.add_row(str(line), job_id, status, error)
     return table
+
+
+def plain_rows(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A header and *rows* as tab-separated lines: no box drawing, no padding."""
+
+    def cell(value: str) -> str:
+        return " ".join(value.split())  # no tab or newline inside a cell
+
+    return ["\t".join(cell(v) for v in row) for row in (header, *rows)]

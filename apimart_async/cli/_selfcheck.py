@@ -52,6 +52,7 @@ __all__ = [
     "RECOVERY_NAME",
     "RESULTS_NAME",
     "RESULTS_STAMP",
+    "RESULT_FIELDS",
     "JournalRefused",
     "Service",
     "bind",
@@ -67,6 +68,22 @@ EXIT_REFUSED = 3
 EXIT_JOURNAL_FAILED = 4
 """A journal write failed mid-run: submits stopped, task ids written to a recovery file."""
 RESULTS_NAME = "results.jsonl"
+RESULT_FIELDS = (
+    "line",
+    "id",
+    "status",
+    "task_id",
+    "files",
+    "urls",
+    "expires_at",
+    "cost",
+    "credits_cost",
+    "error",
+    "error_type",
+    "error_code",
+    "request_id",
+)
+"""The keys of every ``results.jsonl`` record, in order (``apimart merge`` adds ``shard``)."""
 RESULTS_STAMP = "results_stamp"
 """Meta key: ``results_stamp()`` of the results.jsonl the journal last wrote."""
 RECOVERY_NAME = "recovered-task-ids.txt"

@@ -18,7 +18,10 @@ if TYPE_CHECKING:
 __all__ = ["INSTALL_HINT", "ProgressMode", "Ui", "require_rich"]
 
 ProgressMode = Literal["auto", "bar", "plain", "off"]
-INSTALL_HINT = "the apimart command needs the cli extra: pip install 'apimart-async[cli]'"
+INSTALL_HINT = (
+    "the apimart command needs the cli extra (rich): pip install 'apimart-async[cli]', "
+    "or from a checkout of the source: pip install '.[cli]'"
+)
 
 
 def require_rich() -> str | None:

@@ -1,8 +1,10 @@
 """``python -m apimart_async.testing``: serve a ``FakeApimart`` over HTTP in the foreground.
 
-For benchmarks and demos in another process. Once the socket listens, exactly one
-line ``APIMART_FAKE_URL=http://HOST:PORT`` is printed (and flushed) to stdout, so a
-parent process can read the URL even with ``--port 0``. SIGTERM and SIGINT shut the
+For benchmarks and demos in another process. Once the socket listens, two lines are
+printed (and flushed) to stdout, so a parent process can read the URL even with
+``--port 0``: ``APIMART_FAKE_URL=http://HOST:PORT`` first (what benchmarks parse), then
+``APIMART_BASE_URL=http://HOST:PORT``, the variable the client and the ``apimart``
+command read, so ``export`` of that line points them at the fake. SIGTERM and SIGINT shut the
 server down gracefully and exit with status 0. Counters and task timings are at
 ``GET /_fake/stats``; ``POST /_fake/reset`` zeroes them.
 
@@ -13,8 +15,8 @@ the fake's tasks, uploads, keys and balance survive a restart (even ``kill -9``)
 Needs the ``server`` extra (uvicorn).
 
 What can go wrong: invalid options exit with status 2 and argparse's message; a port
-already in use exits with status 1 and says so on stderr; nothing but the URL line is
-ever written to stdout, so a parent can parse it blindly.
+already in use exits with status 1 and says so on stderr; nothing but the two URL
+lines is ever written to stdout, so a parent can parse them blindly.
 """
 
 from __future__ import annotations
@@ -224,7 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     fake.use_webhook_target(rewrite=rewrites or None)
 
     def announce() -> None:
-        sys.stdout.write(f"APIMART_FAKE_URL={url}\n")
+        sys.stdout.write(f"APIMART_FAKE_URL={url}\nAPIMART_BASE_URL={url}\n")
         sys.stdout.flush()
 
     server = make_server(fake.app, log_config=LOGGING_CONFIG, graceful_timeout=5, on_ready=announce)
