@@ -94,6 +94,7 @@ class Budget:
                 f"max_images={self._max_images} reached: {self.images} images submitted, "
                 f"this job asks for {n} more; nothing was submitted for it (rerun with "
                 "a higher budget to continue)",
+                budget="max_images",
                 spent=float(self.images),
                 reserved=0.0,
                 limit=float(self._max_images),
@@ -110,6 +111,7 @@ class Budget:
                     f"and {self.reserved:.2f} reserved by submits under way; this job may "
                     f"cost {estimate:.2f}, so it was not submitted (rerun with a higher "
                     "budget to continue)",
+                    budget="max_cost",
                     spent=self.spent,
                     reserved=self.reserved,
                     limit=self._max_cost,

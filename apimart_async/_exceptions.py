@@ -43,7 +43,7 @@ No message built here ever contains the API key: messages come from the service'
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -243,12 +243,22 @@ class BudgetExceededError(ApimartError):
     """A ``generate_many`` budget (``max_cost`` / ``max_images``) stopped this job before
     its submit: nothing was sent for it, so a rerun with a higher budget continues.
 
-    *spent* is what is certainly spent, *reserved* what submits under way may still
-    cost (USD, or images for *max_images*); *limit* the cap that was reached.
+    *budget* names the cap that was reached (``"max_cost"`` or ``"max_images"``) and
+    *limit* its value; *spent* is what is certainly spent, *reserved* what submits
+    under way may still cost (USD, or images for ``max_images``).
     """
 
-    def __init__(self, message: str, *, spent: float, reserved: float, limit: float) -> None:
+    def __init__(
+        self,
+        message: str,
+        *,
+        budget: Literal["max_cost", "max_images"],
+        spent: float,
+        reserved: float,
+        limit: float,
+    ) -> None:
         super().__init__(message)
+        self.budget: Literal["max_cost", "max_images"] = budget
         self.spent = spent
         self.reserved = reserved
         self.limit = limit

@@ -56,6 +56,10 @@ class TaskStatus(str, enum.Enum):
     UNKNOWN = "unknown"
     """A status string no documentation lists; treated as still running until the deadline."""
 
+    def __str__(self) -> str:
+        # The wire value ("completed"), as a StrEnum prints, on every Python version.
+        return self.value
+
     @property
     def is_terminal(self) -> bool:
         """Whether polling can stop."""

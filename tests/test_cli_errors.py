@@ -109,14 +109,22 @@ LIBRARY_ERRORS: list[tuple[str, Callable[[], BaseException], str]] = [
     (
         "cost limit",
         lambda: BudgetExceededError(
-            "max_cost=1.00 USD reached: ...", spent=0.9, reserved=0.05, limit=1.0
+            "max_cost=1.00 USD reached: ...",
+            budget="max_cost",
+            spent=0.9,
+            reserved=0.05,
+            limit=1.0,
         ),
         "--max-cost 1.00 USD reached",
     ),
     (
         "image limit",
         lambda: BudgetExceededError(
-            "max_images=3 reached: ...", spent=3.0, reserved=0.0, limit=3.0
+            "max_images=3 reached: ...",
+            budget="max_images",
+            spent=3.0,
+            reserved=0.0,
+            limit=3.0,
         ),
         "--max-images 3 reached",
     ),

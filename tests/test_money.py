@@ -127,6 +127,7 @@ async def test_max_cost_with_prices_stops_before_the_cap(client_for: ClientFor) 
     assert fake.stats.submits == 3
     assert stream.spent == pytest.approx(3 * price)
     assert isinstance(stream.stopped, am.BudgetExceededError)
+    assert stream.stopped.budget == "max_cost" and stream.stopped.limit == 3.5 * price
     assert "max_cost" in str(refused[0].error) and "rerun" in str(refused[0].error)
 
 
@@ -157,7 +158,8 @@ async def test_max_images(client_for: ClientFor) -> None:
     async with client_for(fake) as client:
         outcomes, _ = await run(client, jobs(5, n=2), concurrency=1, max_images=5)
     assert sum(o.ok for o in outcomes) == 2  # 4 images; a third job would make 6
-    assert all(isinstance(o.error, am.BudgetExceededError) for o in outcomes if not o.ok)
+    errors = [o.error for o in outcomes if not o.ok]
+    assert all(isinstance(e, am.BudgetExceededError) and e.budget == "max_images" for e in errors)
 
 
 async def test_a_rerun_with_a_higher_budget_continues_without_paying_twice(

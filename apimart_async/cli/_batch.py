@@ -397,10 +397,10 @@ def _webhook_listener(
 
 
 def _prepare_file(settings: BatchSettings) -> tuple[str, int]:
-    """The batch id and the newline count; ``UsageError`` if the file is unusable."""
+    """The batch id and the line count; ``UsageError`` if the file is unusable."""
     path = settings.jobs_path
     try:
-        digest, newlines, content = file_digest(path)
+        digest, lines, content = file_digest(path)
     except FileNotFoundError:
         raise UsageError(f"batch file {str(path)!r} not found") from None
     except OSError as exc:
@@ -412,7 +412,7 @@ def _prepare_file(settings: BatchSettings) -> tuple[str, int]:
         ) from None
     if not content:
         raise UsageError(f"batch file {str(path)!r} has no jobs (every line is blank)")
-    return settings.batch_id or digest, newlines + 1
+    return settings.batch_id or digest, lines
 
 
 def _strict_check(settings: BatchSettings, ui: Ui) -> None:
@@ -1342,7 +1342,7 @@ def _stop_line(stop: BaseException, waiting: int) -> str:
     left = f"{waiting} job(s) not started" if waiting else "every job was started"
     rerun = "rerun the same command (finished jobs are skipped; nothing is paid twice)"
     if isinstance(stop, BudgetExceededError):
-        if str(stop).startswith("max_images"):
+        if stop.budget == "max_images":
             reached = f"--max-images {stop.limit:g} reached ({stop.spent:g} images submitted)"
             flag = "--max-images"
         else:

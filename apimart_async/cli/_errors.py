@@ -117,8 +117,7 @@ def _status_text(exc: APIStatusError) -> str:
 
 
 def _budget_text(exc: BudgetExceededError) -> str:
-    message = str(exc)
-    if message.startswith("max_images"):
+    if exc.budget == "max_images":
         return (
             f"--max-images {exc.limit:g} reached: {exc.spent:g} images submitted by this run; "
             "the next job would go over it, so it was not submitted"

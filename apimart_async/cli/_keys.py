@@ -67,8 +67,9 @@ def check_batch_id(text: str) -> str:
 
 
 def file_digest(path: Path) -> tuple[str, int, bool]:
-    """The default batch id of *path* (16 hex digits of its SHA-256), its newline
-    count, and whether it holds anything but whitespace; one streamed read.
+    """The default batch id of *path* (16 hex digits of its SHA-256), its line count
+    (a last line without a newline counts), and whether it holds anything but
+    whitespace; one streamed read.
 
     Raises ``UnicodeDecodeError`` (its position counted from the start of the file)
     if the file is not UTF-8 text.
@@ -78,6 +79,7 @@ def file_digest(path: Path) -> tuple[str, int, bool]:
     newlines = 0
     content = False
     offset = 0
+    last = b"\n"
     with path.open("rb") as fh:
         while chunk := fh.read(_CHUNK):
             digest.update(chunk)
@@ -89,8 +91,9 @@ def file_digest(path: Path) -> tuple[str, int, bool]:
             offset += len(chunk)
             newlines += chunk.count(b"\n")
             content = content or bool(chunk.strip())
+            last = chunk[-1:]
         decoder.decode(b"", final=True)
-    return digest.hexdigest()[:16], newlines, content
+    return digest.hexdigest()[:16], newlines + (last != b"\n"), content
 
 
 def canonical(body: Any) -> str:
