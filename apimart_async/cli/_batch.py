@@ -109,7 +109,7 @@ from apimart_async.testing import DEFAULT_BASE_URL
 from apimart_async.types import CompletedEvent, FailedEvent, SubmittedEvent, SubmittingEvent
 
 from ._errors import describe, explain, facts
-from ._jobfile import IdRegistry, JobLine, JobReader, LineError, LineRef
+from ._jobfile import JobLine, JobReader, LineError, LineRef, check_every_line
 from ._journal import JobRecord, Journal, JournalError, JournalWriteError
 from ._keys import canonical, derived_key, file_digest, random_key
 from ._progress import BatchProgress, counts_table, plain_rows, problems_table
@@ -376,7 +376,8 @@ def _webhook_listener(
         )
     from apimart_async.webhooks import WebhookReceiver
 
-    from ._webhook_server import ServerUnavailable, bind, require_server
+    from ..testing._sockets import bind
+    from ._webhook_server import ServerUnavailable, require_server
 
     try:
         require_server()
@@ -417,21 +418,16 @@ def _prepare_file(settings: BatchSettings) -> tuple[str, int]:
 
 def _strict_check(settings: BatchSettings, ui: Ui) -> None:
     """--strict: check every line (of this shard) before anything else; stop if any is bad."""
-    db = sqlite3.connect("")  # a private temporary database: flat memory
-    try:
-        reader = JobReader(
-            settings.jobs_path,
-            IdRegistry(db),
-            allow_unknown=settings.allow_unknown,
-            wants=settings.shard.owns if settings.shard is not None else None,
-        )
-        bad = 0
-        for item in reader:
-            if isinstance(item, LineError):
-                bad += 1
-                ui.info(str(item))
-    finally:
-        db.close()
+    lines = check_every_line(
+        settings.jobs_path,
+        allow_unknown=settings.allow_unknown,
+        wants=settings.shard.owns if settings.shard is not None else None,
+    )
+    bad = 0
+    for item in lines:
+        if isinstance(item, LineError):
+            bad += 1
+            ui.info(str(item))
     if bad:
         raise UsageError(
             f"{bad} invalid line{'s' if bad != 1 else ''} in {str(settings.jobs_path)!r}; "

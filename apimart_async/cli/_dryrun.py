@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import json
 import os
-import sqlite3
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -36,7 +35,7 @@ import anyio
 from apimart_async import ApimartError
 
 from ._errors import describe
-from ._jobfile import IdRegistry, JobLine, JobReader, LineError
+from ._jobfile import JobLine, LineError, check_every_line
 from ._setup import ClientOptions, UsageError, make_client
 
 if TYPE_CHECKING:
@@ -120,28 +119,23 @@ def dry_run(
 def _count(settings: BatchSettings, ui: Ui) -> tuple[dict[str, _Model], int]:
     models: dict[str, _Model] = {}
     invalid = 0
-    db = sqlite3.connect("")  # a private temporary database: flat memory
-    try:
-        reader = JobReader(
-            settings.jobs_path,
-            IdRegistry(db),
-            allow_unknown=settings.allow_unknown,
-            wants=settings.shard.owns if settings.shard is not None else None,
-        )
-        for item in reader:
-            if isinstance(item, LineError):
-                invalid += 1
-                if invalid <= MAX_LISTED:
-                    ui.info(str(item))
-                continue
-            if not isinstance(item, JobLine):  # pragma: no cover - only after a stop
-                continue
-            request = item.request
-            entry = models.setdefault(request.model, _Model())
-            entry.jobs += 1
-            entry.images += images_of(request)
-    finally:
-        db.close()
+    lines = check_every_line(
+        settings.jobs_path,
+        allow_unknown=settings.allow_unknown,
+        wants=settings.shard.owns if settings.shard is not None else None,
+    )
+    for item in lines:
+        if isinstance(item, LineError):
+            invalid += 1
+            if invalid <= MAX_LISTED:
+                ui.info(str(item))
+            continue
+        if not isinstance(item, JobLine):  # pragma: no cover - only after a stop
+            continue
+        request = item.request
+        entry = models.setdefault(request.model, _Model())
+        entry.jobs += 1
+        entry.images += images_of(request)
     if invalid > MAX_LISTED:
         ui.info(f"... and {invalid - MAX_LISTED} more invalid lines")
     return models, invalid

@@ -26,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
@@ -34,7 +35,6 @@ from apimart_async import InvalidRequestError, UnknownModelError
 from apimart_async.models import parse_request
 
 if TYPE_CHECKING:
-    import sqlite3
     from collections.abc import Callable, Generator, Iterator
 
     from apimart_async.models import BaseImageRequest
@@ -45,6 +45,7 @@ __all__ = [
     "JobReader",
     "LineError",
     "LineRef",
+    "check_every_line",
     "line_owner",
     "local_image",
 ]
@@ -305,3 +306,16 @@ def _check(item: _Parsed, base: Path, *, allow_unknown: bool) -> JobLine | LineE
     except InvalidRequestError as exc:
         return LineError(item.line, item.id, str(exc))
     return JobLine(item.line, item.id, request, item.fingerprint)
+
+
+def check_every_line(
+    path: Path, *, allow_unknown: bool, wants: Callable[[str], bool] | None
+) -> Iterator[JobLine | LineError | LineRef]:
+    """Every line of *path* checked ahead of a run (``--strict``, ``--dry-run``), its
+    ids claimed in a private temporary database, so memory stays flat however long
+    the file and a run's own journal is not touched."""
+    db = sqlite3.connect("")
+    try:
+        yield from JobReader(path, IdRegistry(db), allow_unknown=allow_unknown, wants=wants)
+    finally:
+        db.close()

@@ -28,7 +28,6 @@ token, and uvicorn's access log is off (it would record the token in every path)
 from __future__ import annotations
 
 import contextlib
-import socket
 import threading
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -39,11 +38,12 @@ import anyio.lowlevel
 import anyio.to_thread
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import AsyncGenerator, Generator
 
     from apimart_async.webhooks import WebhookReceiver
 
-__all__ = ["ServerUnavailable", "bind", "listen_url", "parse_listen", "require_server", "serving"]
+__all__ = ["ServerUnavailable", "listen_url", "parse_listen", "require_server", "serving"]
 
 STARTUP_TIMEOUT = 15.0
 STOP_TIMEOUT = 10.0
@@ -88,22 +88,6 @@ def require_server() -> None:
         import uvicorn  # noqa: F401  # pyright: ignore[reportUnusedImport]
     except ImportError:
         raise ServerUnavailable(_SERVER_HINT) from None
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to *host*:*port* and listening (``OSError`` if it cannot be)."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(1024)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _server(receiver: WebhookReceiver, ready: anyio.Event) -> Any:

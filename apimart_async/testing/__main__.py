@@ -210,7 +210,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         from uvicorn.config import LOGGING_CONFIG
 
-        from ._server import api_origin, bind, hide_drops, make_server
+        from ._server import api_origin, hide_drops, make_server
+        from ._sockets import bind
     except ImportError:
         sys.stderr.write("the fake server needs uvicorn: pip install 'apimart-async[server]'\n")
         return 2

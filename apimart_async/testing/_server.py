@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import logging
-import socket
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -30,13 +29,15 @@ import anyio.to_thread
 import uvicorn
 
 from ._asgi import ConnectionDrop
+from ._sockets import bind
 
 if TYPE_CHECKING:
+    import socket
     from collections.abc import AsyncGenerator, Callable, Generator
 
     from ._app import App
 
-__all__ = ["api_origin", "bind", "make_server", "serve_in_thread"]
+__all__ = ["api_origin", "make_server", "serve_in_thread"]
 
 _UVICORN_ERROR_LOGGER = "uvicorn.error"
 STARTUP_TIMEOUT = 15.0
@@ -65,22 +66,6 @@ class _Server(uvicorn.Server):
                 self._on_ready()
         finally:
             self.ready.set()
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to *host*:*port* and listening."""
-    family, kind, proto, _, address = socket.getaddrinfo(
-        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-    )[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(2048)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def api_origin(host: str, port: int) -> str:
