@@ -71,7 +71,9 @@ def test_pushed_results_end_the_jobs_with_almost_no_task_queries(
     summary = json.loads(ran.out)
     assert summary["counts"] == {"done": 40}
     assert summary["webhooks"]["received"] == 40 and summary["webhooks"]["rejected"] == 0
-    assert pushed.stats.webhooks_delivered >= 40
+    # The receiver's count is the proof; the fake counts a delivery only once it has
+    # read the 2xx, which the batch, done at its 40th callback, may not wait for.
+    assert pushed.stats.webhook_attempts >= 40
     assert pushed.stats.polls < 10 and polled.stats.polls > 40
     assert json.loads(plain.out)["webhooks"] is None
     listening = re.search(r"listening for webhooks on (http://127\.0\.0\.1:\d+)", ran.err)

@@ -77,6 +77,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import sqlite3
 from collections import Counter
 from dataclasses import dataclass, field
@@ -132,7 +133,6 @@ from ._signals import exit_status, interruptible
 
 if TYPE_CHECKING:
     import argparse
-    import socket
     from collections.abc import AsyncIterator, Callable, Sequence
 
     from anyio.abc import TaskGroup
@@ -376,7 +376,6 @@ def _webhook_listener(
         )
     from apimart_async.webhooks import WebhookReceiver
 
-    from ..testing._sockets import bind
     from ._webhook_server import ServerUnavailable, require_server
 
     try:
@@ -390,7 +389,9 @@ def _webhook_listener(
         raise UsageError(f"--webhook-public-url {public!r}: {text}") from None
     host, port = listen
     try:
-        sock = bind(host, port)
+        # Bound here, before anything is submitted, so a taken port is a usage error.
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.create_server((host, port), family=family, backlog=2048)
     except OSError as exc:
         raise UsageError(f"--webhook-listen: cannot listen on {host}:{port}: {exc}") from None
     stack.callback(sock.close)

@@ -1,6 +1,7 @@
-"""Listening sockets for the servers this package runs (the fake, the CLI's webhook
-listener): bound before the server starts, so a taken port fails at once with the
-``OSError`` that names it, before any request is sent, and port 0 tells its number."""
+"""Listening sockets for the fake's servers (``fake.serve()`` and ``python -m
+apimart_async.testing``): bound before the server starts, so a taken port fails at once
+with the ``OSError`` that names it, before any request is sent, and port 0 tells its
+number."""
 
 from __future__ import annotations
 
