@@ -15,7 +15,7 @@ import asyncio
 import random
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
@@ -260,6 +260,61 @@ async def test_cancelled_submit_hands_its_task_over(caplog: pytest.LogCaptureFix
 NATIVE_CANCELS = ["wait_for", "timeout", "task_cancel", "task_group_sibling"]
 
 
+class Announced:
+    """An ``on_event`` handler that keeps the events and notes the submit's answer."""
+
+    def __init__(self) -> None:
+        self.events: list[am.Event] = []
+        self.answered = anyio.Event()
+
+    def __call__(self, event: am.Event) -> None:
+        self.events.append(event)
+        if isinstance(event, SubmittedEvent):
+            self.answered.set()
+
+
+async def cancel_natively(
+    how: str, call: Callable[[], Coroutine[Any, Any, None]], arrived: Callable[[], Awaitable[None]]
+) -> None:
+    """Cancel *call* as asyncio users do: ``wait_for`` / ``asyncio.timeout`` (0.4 s), or
+    ``Task.cancel()`` / a failing ``TaskGroup`` sibling once *arrived()* returns."""
+    if how == "wait_for":
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(call(), timeout=0.4)
+    elif how == "timeout":
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.4):
+                await call()
+    elif how == "task_cancel":
+        job = asyncio.ensure_future(call())
+        await arrived()
+        job.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await job
+    else:
+
+        async def failing_sibling() -> None:
+            await arrived()
+            raise LookupError("a sibling failed")
+
+        with pytest.raises(ExceptionGroup) as info:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(call())
+                group.create_task(failing_sibling())
+        assert info.group_contains(LookupError)
+
+
+def check_orphan_reported(
+    fake: FakeApimart, announced: Announced, orphans: list[am.Task], key: str, caplog: Any
+) -> None:
+    """The one task the fake created reached on_event, orphaned_tasks() and a WARNING."""
+    (task_id,) = list(fake.tasks)
+    assert [t.id for t in orphans] == [task_id]
+    assert unknown_tasks(fake, announced.events) == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any(task_id in m and key in m for m in warnings), warnings
+
+
 @pytest.mark.parametrize("how", NATIVE_CANCELS)
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])
 async def test_native_asyncio_cancel_of_a_submit_is_not_lost(
@@ -270,66 +325,64 @@ async def test_native_asyncio_cancel_of_a_submit_is_not_lost(
     still reaches on_event, the log (task id and idempotency key) and orphaned_tasks()."""
     fake = FakeApimart(api_key=KEY)
     tripwire = Tripwire(fake, "submit")
-    tripwire.hold = 0.3
-    answered = anyio.Event()
-    inner = tripwire.fire
+    tripwire.hold = 1.0  # the answer comes a second after the task was created
     tripwire.fire = lambda: None  # type: ignore[method-assign]  # cancelled natively below
-    events: list[am.Event] = []
-    created = anyio.Event()
-
-    def on_event(event: am.Event) -> None:
-        events.append(event)
-        if isinstance(event, SubmittedEvent):
-            answered.set()
-
+    announced = Announced()
     async with make(tripwire) as client:
 
         async def generate() -> None:
-            await client.generate(model=GEM, prompt="x", idempotency_key="key-n", on_event=on_event)
+            await client.generate(
+                model=GEM, prompt="x", idempotency_key="key-n", on_event=announced
+            )
 
-        async def cancel_when_created(cancel: Callable[[], object]) -> None:
-            await until(lambda: fake.tasks)
-            created.set()
-            cancel()
-
-        if how == "wait_for":
-            with pytest.raises(TimeoutError):
-                await asyncio.wait_for(_until_created(fake, generate), timeout=0.1)
-        elif how == "timeout":
-            with pytest.raises(TimeoutError):
-                async with asyncio.timeout(0.1):
-                    await generate()
-        elif how == "task_cancel":
-            job = asyncio.ensure_future(generate())
-            await cancel_when_created(job.cancel)
-            with pytest.raises(asyncio.CancelledError):
-                await job
-        else:
-
-            async def failing_sibling() -> None:
-                await until(lambda: fake.tasks)
-                raise LookupError("a sibling failed")
-
-            with pytest.raises(ExceptionGroup) as info:
-                async with asyncio.TaskGroup() as group:
-                    group.create_task(generate())
-                    group.create_task(failing_sibling())
-            assert info.group_contains(LookupError)
-        assert not answered.is_set()  # the caller left before the answer came back
+        await cancel_natively(how, generate, lambda: until(lambda: fake.tasks))
+        assert not announced.answered.is_set()  # the caller left before the answer came back
         assert fake.stats.tasks_created == 1
         with anyio.fail_after(5):
-            await answered.wait()
+            await announced.answered.wait()
         orphans = client.orphaned_tasks()
-    del inner
-    (task_id,) = list(fake.tasks)
-    assert [t.id for t in orphans] == [task_id]
-    assert unknown_tasks(fake, events) == []
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any(task_id in m and "key-n" in m for m in warnings), warnings
+    check_orphan_reported(fake, announced, orphans, "key-n", caplog)
 
 
-async def _until_created(fake: FakeApimart, body: Callable[[], Any]) -> None:
-    await body()
+@pytest.mark.parametrize("how", NATIVE_CANCELS)
+@pytest.mark.parametrize("transport_backend", ["aiohttp", "httpx"])
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_native_asyncio_cancel_over_real_http_is_not_lost(
+    how: str, transport_backend: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same four cancellations through the production transport (aiohttp) and
+    httpx's pool, over a real socket: the service has the submit and answers a second
+    later; the caller is gone by then, and the task still reaches on_event, the log and
+    orphaned_tasks(), with no further request sent for it."""
+    pytest.importorskip("uvicorn")
+    if transport_backend == "aiohttp":
+        pytest.importorskip("aiohttp")
+    # Every request is answered a second after it arrived (counted on arrival).
+    fake = FakeApimart(api_key=KEY, latency=Latency.fast(request_latency=(1.0, 1.0)))
+    announced = Announced()
+    async with fake.serve() as base_url:
+        async with AsyncApimart(
+            api_key=KEY,
+            base_url=base_url,
+            transport_backend=transport_backend,  # type: ignore[arg-type]
+            poll=FAST_POLL,
+            limits=FAST_LIMITS,
+        ) as client:
+
+            async def generate() -> None:
+                await client.generate(
+                    model=GEM, prompt="x", idempotency_key="key-h", on_event=announced
+                )
+
+            await cancel_natively(how, generate, lambda: until(lambda: fake.stats.submits))
+            assert fake.stats.submits == 1  # on the wire when the caller left...
+            assert not announced.answered.is_set()  # ...and not answered yet
+            with anyio.fail_after(10):
+                await announced.answered.wait()
+            orphans = client.orphaned_tasks()
+        requests_after = fake.stats.requests_total
+    check_orphan_reported(fake, announced, orphans, "key-h", caplog)
+    assert requests_after == 1  # the submit only: the orphan was never polled
 
 
 async def test_download_cancelled_mid_file_leaves_nothing(tmp_path: Path) -> None:
