@@ -60,7 +60,11 @@ if TYPE_CHECKING:
     from .types import AccountBalance, UploadedImage
     from .webhooks import WebhookReceiver
 
-__all__ = ["NOT_GIVEN", "AsyncApimart"]
+__all__ = [
+    "NOT_GIVEN",
+    "AsyncApimart",
+    "_Unset",
+]  # _Unset: the blocking client mirrors the signatures
 
 logger = logging.getLogger("apimart_async")
 

@@ -56,7 +56,14 @@ if TYPE_CHECKING:
     from ._setup import Runtime
     from ._ui import Ui
 
-__all__ = ["build_request", "cmd_balance", "cmd_generate", "cmd_task", "cmd_upload"]
+__all__ = [
+    "balance_text",
+    "build_request",
+    "cmd_balance",
+    "cmd_generate",
+    "cmd_task",
+    "cmd_upload",
+]
 
 
 def event_text(event: Event) -> tuple[str, bool] | None:

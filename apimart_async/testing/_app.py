@@ -56,7 +56,7 @@ if TYPE_CHECKING:
     from ._billing import Balance
     from ._task import FakeTask
 
-__all__ = ["MAX_UPLOAD_BYTES", "App"]
+__all__ = ["FILES_PREFIX", "MAX_UPLOAD_BYTES", "App"]
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 RESULT_TTL = 86_400

@@ -47,7 +47,7 @@ if TYPE_CHECKING:
     from ._state import FakeStats, FakeTask, RecordedRequest
     from ._webhooks import Rewrite, WebhookDelivery, WebhookSender
 
-__all__ = ["DEFAULT_BASE_URL", "DEFAULT_FILES_BASE_URL", "FakeApimart"]
+__all__ = ["DEFAULT_BASE_URL", "DEFAULT_FILES_BASE_URL", "FakeApimart", "files_origin"]
 
 DEFAULT_BASE_URL = "https://api.apimart.ai"
 DEFAULT_FILES_BASE_URL = "https://upload.apimart.ai"

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FORMAT",
     "VERSION",
+    "Record",
     "StateFile",
     "decode_task",
     "decode_upload",

@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
     from ._app import App
 
-__all__ = ["api_origin", "make_server", "serve_in_thread"]
+__all__ = ["api_origin", "hide_drops", "make_server", "serve_in_thread"]
 
 _UVICORN_ERROR_LOGGER = "uvicorn.error"
 STARTUP_TIMEOUT = 15.0

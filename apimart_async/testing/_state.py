@@ -52,12 +52,15 @@ if TYPE_CHECKING:
 
 __all__ = [
     "MODELS",
+    "UNKNOWN_MODEL",
     "FakeStats",
     "FakeTask",
     "ModelRules",
     "RecordedRequest",
     "State",
+    "StoredUpload",
     "TaskFate",
+    "canonical_faults",
 ]
 
 Family = Literal["flux", "imagen", "gemini", "other"]
