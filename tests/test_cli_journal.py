@@ -212,6 +212,81 @@ def test_a_partly_dropped_journal_is_caught_by_its_results(tmp_path: Path) -> No
     assert journal(out)["j4"]["state"] == "done"
 
 
+def test_a_journal_behind_its_images_is_refused_then_rebuilt(tmp_path: Path) -> None:
+    """kill -9, then the -wal lost: the journal and results.jsonl are both as they were
+    three jobs ago, but the images of the later jobs are there. Refused (their tasks
+    were paid for); --rebuild-journal adopts the images; nothing is sent again."""
+    fake = FakeApimart(honour_idempotency=False)
+    src = write_jobs(tmp_path / "jobs.jsonl", jobs(3))
+    out = tmp_path / "out"
+    assert cli("batch", str(src), "--out", str(out), fake=fake).code == 0
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    for path in [*out.glob("journal.sqlite3*"), out / "results.jsonl"]:
+        shutil.copy2(path, saved / path.name)  # copy2: results.jsonl keeps its stamp
+    write_jobs(src, jobs(6))
+    assert cli("batch", str(src), "--out", str(out), fake=fake).code == 0
+    for path in out.glob("journal.sqlite3*"):
+        path.unlink()
+    for path in saved.iterdir():
+        shutil.copy2(path, out / path.name)
+    assert (out / "j5_0.png").is_file()
+
+    refused = cli("batch", str(src), "--out", str(out), fake=fake)
+    assert refused.code == 3, refused.err
+    assert "have result images but no submit" in refused.err and "(j3, j4, j5)" in refused.err
+    assert fake.stats.submits == 6
+
+    rebuilt = cli("batch", str(src), "--out", str(out), "--rebuild-journal", fake=fake)
+    assert rebuilt.code == 0, rebuilt.err
+    assert fake.stats.submits == 6 and fake.stats.tasks_created == 6
+    assert {journal(out)[j]["state"] for j in ("j3", "j4", "j5")} == {"done"}
+
+
+def _garble_a_task_id(db_file: Path, task_id: str) -> None:
+    """Replace one byte of *task_id* in the journal's file with one that is not UTF-8."""
+    data = bytearray(db_file.read_bytes())
+    at = data.find(task_id.encode())
+    assert at >= 0
+    data[at + 5] = 0xFF
+    db_file.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["not_utf8", "random_bytes"])
+def test_a_damaged_journal_is_refused_without_a_traceback_then_rebuilt(
+    tmp_path: Path, damage: str
+) -> None:
+    """Bytes of the journal damaged on disk: exit 3 naming the damage, before anything is
+    sent (never a traceback halfway); --rebuild-journal sets it aside and rebuilds."""
+    import random
+
+    fake = FakeApimart(honour_idempotency=False)
+    src = write_jobs(tmp_path / "jobs.jsonl", jobs(4))
+    out = tmp_path / "out"
+    assert cli("batch", str(src), "--out", str(out), fake=fake).code == 0
+    db_file = out / "journal.sqlite3"
+    sqlite3.connect(db_file).execute("PRAGMA wal_checkpoint(TRUNCATE)").connection.close()
+    if damage == "not_utf8":
+        _garble_a_task_id(db_file, journal(out)["j2"]["task_id"])
+    else:
+        data = bytearray(db_file.read_bytes())
+        rng = random.Random(1)
+        for _ in range(200):
+            data[rng.randrange(100, len(data))] = rng.randrange(256)
+        db_file.write_bytes(bytes(data))
+    (out / "results.jsonl").touch()  # a later stamp: the journal is read in full
+
+    refused = cli("batch", str(src), "--out", str(out), fake=fake)
+    assert refused.code == 3, refused.err
+    assert "Traceback" not in refused.err and "--rebuild-journal" in refused.err
+    assert fake.stats.requests_total == 4 + 4 + 4  # the first run's only (submit, poll, file)
+
+    rebuilt = cli("batch", str(src), "--out", str(out), "--rebuild-journal", fake=fake)
+    assert rebuilt.code == 0, rebuilt.err
+    assert fake.stats.submits == 4 and fake.stats.tasks_created == 4
+    assert list(out.glob("journal.sqlite3.damaged-*"))
+
+
 # -- a failed journal write stops submitting and loses no task id ---------------------
 
 

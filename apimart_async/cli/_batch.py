@@ -301,7 +301,7 @@ def run_batch(
         with journal:
             try:
                 note = bind(journal, service, same_account=settings.same_account)
-                notes = check_results(journal, rebuild=rebuild)
+                notes = check_results(journal, rebuild=rebuild, images=settings.kind != "demo")
                 _record_run(journal, settings, batch_id)
                 if settings.webhook_public_url is not None and run.receiver is not None:
                     run.receiver = _journaled_receiver(journal, settings.webhook_public_url)

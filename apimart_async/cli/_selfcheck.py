@@ -12,7 +12,9 @@ trusts it blindly:
 * **Whole.** A journal that is missing, empty (zero bytes) or damaged, in a folder that
   holds results (``results.jsonl``, result images, a recovery file), is refused with
   the ways to recover, and so is a journal that knows less than the folder's
-  ``results.jsonl`` (partly dropped: say, its ``-wal`` file was lost). Starting over
+  ``results.jsonl`` or its result images (partly dropped: say, its ``-wal`` file was
+  lost after a ``kill -9``, before ``results.jsonl`` was rewritten). Every row is read
+  once when the journal opens, so damage is found there, not halfway through a run. Starting over
   there could pay again for every job already done. ``--rebuild-journal`` rebuilds it
   from what the folder holds, before any submit: ``results.jsonl`` (task ids, done
   jobs whose files are present), the result images (``<id>_<n>.<ext>``) and the
@@ -33,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import secrets
 import tempfile
@@ -281,9 +284,10 @@ def _results(directory: Path) -> Iterator[dict[str, Any]]:
                     yield row
 
 
-def check_results(journal: Journal, *, rebuild: bool) -> list[str]:
+def check_results(journal: Journal, *, rebuild: bool, images: bool = True) -> list[str]:
     """Compare the journal with the folder's ``results.jsonl``, recovery files and
-    images; adopt what it lacks when *rebuild*, else refuse. Returns notes.
+    images (unless not *images*: the demo may start afresh over old ones); adopt what
+    it lacks when *rebuild*, else refuse. Returns notes.
 
     Recovered task ids written for this journal are always adopted (that is what the
     recovery file is for).
@@ -293,6 +297,8 @@ def check_results(journal: Journal, *, rebuild: bool) -> list[str]:
     adopted = _adopt_recovered(journal)
     if adopted:
         notes.append(f"adopted {adopted} task id(s) from a recovery file: waiting for them by id")
+    if images and not rebuild:
+        _refuse_if_images_outrun(journal)
     behind: list[str] = []
     rebuilt = 0
     if not rebuild and journal.meta(RESULTS_STAMP) == results_stamp(directory):
@@ -335,6 +341,39 @@ def check_results(journal: Journal, *, rebuild: bool) -> list[str]:
         notes.append(f"rebuilt the journal from the folder: {rebuilt} job(s) adopted")
     journal.commit()
     return notes
+
+
+# A job with result images got its task id before they were written, and that id was
+# committed: a journal that has no row for it, or one still before its submit, lost
+# commits (say, its -wal file after a kill -9, before results.jsonl was rewritten).
+_BEFORE_ITS_TASK: frozenset[str] = frozenset({"pending", "submitting"})
+
+
+def _refuse_if_images_outrun(journal: Journal) -> None:
+    """Refuse when the folder holds result images of jobs the journal does not know
+    were submitted: a rerun trusting it would pay for them again."""
+    jobs = _image_jobs(journal.directory)
+    states = journal.states(jobs)
+    behind = sorted(j for j in jobs if states.get(j, "pending") in _BEFORE_ITS_TASK)
+    if behind:
+        shown = ", ".join(behind[:_MAX_LISTED]) + (" ..." if len(behind) > _MAX_LISTED else "")
+        raise JournalRefused(
+            f"the journal {journal.path} knows less than the folder: {len(behind)} job(s) "
+            f"have result images but no submit in it ({shown}); it was partly dropped (a "
+            "lost -wal file?). Restore it, or rerun with --rebuild-journal to adopt the "
+            "images and results.jsonl."
+        )
+
+
+def _image_jobs(directory: Path) -> set[str]:
+    """The job ids that have result images (``<id>_<n>.<ext>``) in *directory*."""
+    jobs: set[str] = set()
+    with contextlib.suppress(OSError), os.scandir(directory) as entries:
+        for entry in entries:
+            match = _IMAGE.match(entry.name)
+            if match is not None:
+                jobs.add(match[1])
+    return jobs
 
 
 def results_stamp(directory: Path) -> str | None:
