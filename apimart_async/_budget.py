@@ -7,8 +7,11 @@ before anyone looks. A ``Budget`` is asked right before each submit would be sen
 * what is certainly spent: the ``cost`` the service reported for finished tasks (0 for
   failed ones, which it refunds);
 * what submits under way may still spend, counted conservatively: a job whose cost is
-  not known yet counts at the user's price for its model (``prices``, USD per image,
-  times ``n``), else at the highest cost per image seen for that model in this batch.
+  not known yet counts at the higher of the user's price for its model (``prices``, USD
+  per image, times ``n``) and the highest cost per image seen for that model in this
+  batch. A price set too low is thus corrected by the first task that reports its
+  cost; jobs already under way by then were counted at the lower price, so a cap can
+  be passed by at most their difference.
 
 A model with neither is run one job at a time until the first of its tasks reports a
 cost (so a batch cannot race past ``max_cost`` on its first, unpriced, jobs). If the
@@ -79,7 +82,9 @@ class Budget:
 
     def estimate(self, model: str, n: int) -> float | None:
         """What a job of *n* images of *model* may cost (USD), or None if unknown."""
-        per_image = self._prices.get(model, self._seen.get(model))
+        given, seen = self._prices.get(model), self._seen.get(model)
+        # A price the user gave may be too low; what tasks really cost then wins.
+        per_image = given if seen is None else seen if given is None else max(given, seen)
         return None if per_image is None else per_image * n
 
     def try_admit(self, model: str, n: int) -> tuple[bool, float | None]:

@@ -131,6 +131,22 @@ async def test_max_cost_with_prices_stops_before_the_cap(client_for: ClientFor) 
     assert "max_cost" in str(refused[0].error) and "rerun" in str(refused[0].error)
 
 
+async def test_a_price_set_too_low_is_corrected_by_what_tasks_cost(client_for: ClientFor) -> None:
+    """The user's price is two thirds of the real one: once tasks report their cost, the
+    budget counts that, and the cap holds (one job at a time, so nothing was under way
+    at the lower price)."""
+    fake = FakeApimart(api_key=KEY, latency=Latency.fast())
+    price = fake.price_of(GEM)
+    async with client_for(fake) as client:
+        outcomes, stream = await run(
+            client, jobs(30), concurrency=1, max_cost=9.8 * price, prices={GEM: price * 2 / 3}
+        )
+    # At the user's price a tenth job (9 spent + 2/3) would look affordable.
+    assert sum(o.ok for o in outcomes) == 9
+    assert stream.spent <= 9.8 * price
+    assert isinstance(stream.stopped, am.BudgetExceededError)
+
+
 async def test_in_flight_submits_count_against_the_budget(client_for: ClientFor) -> None:
     """Many at once: what submits under way may cost counts, so the cap holds."""
     fake = FakeApimart(api_key=KEY, latency=Latency.fixed(0.05))

@@ -309,13 +309,14 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="MODEL=USD",
         help="what one image of MODEL costs, to estimate jobs before their tasks report a "
-        "cost; repeatable",
+        "cost (a higher reported cost wins); repeatable",
     )
     hooks = batch.add_argument_group("webhooks (results pushed instead of polled)")
     hooks.add_argument(
         "--webhook-public-url",
         metavar="URL",
-        help="the public https URL (port 443 or 80) at which APIMart reaches --webhook-listen",
+        help="the public http(s) URL (port 443 or 80; https outside a trial) at which "
+        "APIMart reaches --webhook-listen",
     )
     hooks.add_argument(
         "--webhook-listen",
