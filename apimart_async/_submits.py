@@ -189,7 +189,7 @@ class SubmitKeeper:
                 # Cut short while the request may have been on the wire.
                 reason = (
                     f"no answer within {self.shield:g}s after its caller was cancelled"
-                    if flight.abandoned
+                    if flight.abandoned and now() >= flight.deadline
                     else "the client or its event loop closed before the answer came"
                 )
                 flight.error = SubmissionUncertainError(

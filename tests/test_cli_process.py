@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from apimart_async.testing import FakeApimart, Latency
+from apimart_async.testing import FakeApimart, Faults, Latency
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -160,6 +160,31 @@ def test_ctrl_c_in_a_real_process_exits_130_with_a_consistent_journal(tmp_path: 
 
     assert rerun.returncode == 0, stderr
     assert not fake.duplicate_keys() and fake.stats.tasks_created == 24
+
+
+def test_a_second_ctrl_c_while_submits_are_heard_out_quits_at_once(tmp_path: Path) -> None:
+    """Ctrl-C while every submit hangs at the service: the batch waits to hear them out
+    (up to the 30 s submit shield); a second Ctrl-C during that wait quits at once
+    (status 130), leaving those jobs 'submitting' (uncertain on the next run)."""
+    fake = FakeApimart(
+        api_key="test", faults=Faults(stall=1.0, stall_seconds=60.0, only=("submit",))
+    )
+    src = write_jobs(tmp_path / "jobs.jsonl", 4)
+    out = tmp_path / "out"
+    with served(fake) as url:
+        proc = start_batch(src, out, url, "-c", "2")
+        deadline = time.monotonic() + 20
+        while fake.stats.submits < 2 and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        with pytest.raises(subprocess.TimeoutExpired):
+            proc.wait(timeout=1.0)  # hearing out the submits on the wire
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=10)  # far sooner than the 30 s shield
+    assert proc.returncode == 130, stderr
+    assert "Ctrl-C: stopping" in stderr and "Traceback" not in stderr
+    assert sorted(state for state, _, _ in journal_rows(out).values()) == ["submitting"] * 2
 
 
 def test_demo_runs_from_a_built_wheel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

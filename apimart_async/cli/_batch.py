@@ -908,6 +908,7 @@ class _Run:
                     partial(self._work, client),
                     on_stop=self._on_stop,
                     on_abort=lambda _: progress.close(),
+                    then=client.aclose,  # hearing out submits on the wire is watched too
                 )
                 self.elapsed = progress.elapsed
                 self.images = progress.images

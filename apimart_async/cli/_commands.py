@@ -159,10 +159,14 @@ async def _guarded(
     ui: Ui,
     *,
     resume: Callable[[str], str] = _resume_command,
+    client: AsyncApimart | None = None,
 ) -> int:
-    """Run *body* interruptibly; map its failure to an exit status."""
+    """Run *body* interruptibly, then close *client* if given (a command that submits:
+    a second Ctrl-C while it hears out a submit on the wire quits at once); map a
+    failure to an exit status."""
+    then = None if client is None else client.aclose
     try:
-        stopped = await interruptible(body, on_stop=_stop_note(ui))
+        stopped = await interruptible(body, on_stop=_stop_note(ui), then=then)
     except InvalidRequestError as exc:  # e.g. an image that is not an image
         ui.error(explain(exc))
         return 2
@@ -219,7 +223,7 @@ async def _generate(
                 task = await client.generate(request, on_event=on_event)
                 saved.extend(await client.download(task, out))
 
-        code = await _guarded(body, ui, resume=resume)
+        code = await _guarded(body, ui, resume=resume, client=client)
     for path in saved:
         ui.result(str(path))
     if code >= 128 and submitted and not saved:

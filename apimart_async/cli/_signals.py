@@ -2,10 +2,11 @@
 
 The first signal cancels the work: the client lets submits already on the wire answer
 (so their task ids are recorded) and abandons everything else; the journal commits in
-whole transactions, so it is consistent however far the work got.
-The second signal exits immediately (``os._exit``); that is as safe as ``kill -9``:
-a submit that was in flight is left ``submitting`` in the journal and counts as
-uncertain on the next run.
+whole transactions, so it is consistent however far the work got. Closing the client
+(which hears those submits out, up to its submit shield) is watched too:
+the second signal, during the work or during that wait, exits immediately
+(``os._exit``); that is as safe as ``kill -9``: a submit that was in flight is left
+``submitting`` in the journal and counts as uncertain on the next run.
 
 What can go wrong: on Windows, or outside the main thread, signal handlers cannot be
 installed; Ctrl-C then raises ``KeyboardInterrupt`` after the same clean unwinding.
@@ -43,13 +44,17 @@ async def interruptible(
     *,
     on_stop: Callable[[int], None],
     on_abort: Callable[[int], None] | None = None,
+    then: Callable[[], Awaitable[None]] | None = None,
 ) -> int | None:
-    """Run *body*; return the signal that stopped it, or None if it ran to its end.
+    """Run *body*, then *then* (however *body* ended: closing the client); return the
+    signal that stopped it, or None if it ran to its end.
 
-    An exception from *body* is re-raised as itself (never inside an ExceptionGroup).
+    An exception from *body* (else from *then*) is re-raised as itself, never inside an
+    ExceptionGroup.
 
     *on_stop(signum)* is called on the first signal (say what is happening), then the
-    body is cancelled; *on_abort(signum)* on the second, right before ``os._exit``.
+    body is cancelled (*then* is not: it must end on its own, as a client's close
+    does); *on_abort(signum)* on the second, right before ``os._exit``.
     """
     stopped: int | None = None
     work = anyio.CancelScope()
@@ -77,6 +82,11 @@ async def interruptible(
                 await body()
             except Exception as exc:  # noqa: BLE001 - re-raised plainly below
                 error = exc
+        if then is not None:
+            try:
+                await then()
+            except Exception as exc:  # noqa: BLE001 - re-raised plainly below
+                error = error or exc
         tg.cancel_scope.cancel()
     if error is not None:
         raise error
