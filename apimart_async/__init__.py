@@ -133,7 +133,7 @@ def _show_at_root(objects: list[object]) -> None:
             obj.__module__ = __name__
 
 
-def __getattr__(name: str) -> object:
+def _load(name: str) -> object:
     """Load a lazily exported name (and the rest of its module's exports) on first use.
 
     Raises ``AttributeError`` for a name the package does not export, as a module does.
@@ -152,5 +152,11 @@ def __getattr__(name: str) -> object:
 def __dir__() -> list[str]:
     return sorted({*globals(), *_LAZY})
 
+
+if not TYPE_CHECKING:
+    # Hidden from type checkers: a visible module __getattr__ would make them accept any
+    # misspelled name (apimart_async.AsyncApimrt) as `object`; they see the real names
+    # through the TYPE_CHECKING imports above.
+    __getattr__ = _load
 
 _show_at_root([globals()[n] for n in __all__ if n not in _LAZY])
