@@ -253,6 +253,7 @@ LAZY_MODULES = {
     "apimart_async._uploads",
     "apimart_async._pushes",
     "apimart_async.webhooks",
+    "apimart_async._webhook_url",
     "apimart_async.models",
     "apimart_async.types",
     "anyio.from_thread",
@@ -288,5 +289,10 @@ def test_importing_the_client_defers_what_it_needs_later(statement: str) -> None
     assert status == "completed"
     used = set(after_use.split())
     assert {"apimart_async._jobs", "apimart_async.models", "apimart_async.types"} <= used
-    blocking = {"apimart_async._sync", "apimart_async._portal", "anyio.from_thread"}
+    blocking = {
+        "apimart_async._sync",
+        "apimart_async._portal",
+        "anyio.from_thread",
+        "apimart_async._webhook_url",  # no webhook was given
+    }
     assert blocking & used == set()
