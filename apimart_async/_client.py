@@ -19,25 +19,18 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
 
-from . import _config, _jobs
-from ._budget import Budget
+from . import _config
 from ._clock import running_asyncio_loop
 from ._config import Limits, PollPolicy, RetryPolicy
-from ._download import download_images
-from ._events import checked_key, emit
 from ._exceptions import TaskError
-from ._http import HttpCore
-from ._parsing import parse_balance
-from ._pipeline import OutcomeStream, Pipeline
-from ._pushes import PushRouter
 from ._runtime import current_loop, loop_mismatch
-from ._telemetry import Telemetry
-from ._transport import open_transport
-from ._uploads import prepare_image
 from ._version import __version__
-from ._webhook_url import validate_webhook_url
-from .models import BaseImageRequest, parse_request
-from .types import DownloadedEvent, Task, TaskStatus
+
+# The job engine (_jobs and the stages it composes, the pydantic result and request
+# models) is imported where it is first needed: by the first client created (and
+# ``parse_request`` by the first request), not by ``from apimart_async import
+# AsyncApimart``. After that a function-level import is a sys.modules look-up (about a
+# microsecond; the per-call methods import their modules in one statement).
 
 if TYPE_CHECKING:
     import os
@@ -56,8 +49,11 @@ if TYPE_CHECKING:
     from typing_extensions import Self
 
     from ._events import EventHandler
+    from ._pipeline import OutcomeStream
+    from ._pushes import PushRouter
     from ._transport import Backend
-    from .types import AccountBalance, UploadedImage
+    from .models import BaseImageRequest
+    from .types import AccountBalance, Task, UploadedImage
     from .webhooks import WebhookReceiver
 
 __all__ = [
@@ -139,6 +135,11 @@ class AsyncApimart:
         max_response_bytes: int = _config.MAX_RESPONSE_BYTES,
         max_download_bytes: int = _config.MAX_DOWNLOAD_BYTES,
     ) -> None:
+        from . import _jobs
+        from ._http import HttpCore
+        from ._telemetry import Telemetry
+        from ._transport import open_transport
+
         key = _config.resolve_api_key(api_key)
         self._base_url = _config.resolve_base_url(base_url)
         self._limits = limits or Limits()
@@ -266,6 +267,8 @@ class AsyncApimart:
         return self._poll_policy
 
     def _router(self, receiver: WebhookReceiver) -> PushRouter:
+        from ._pushes import PushRouter
+
         router = self._routers.get(id(receiver))
         if router is None or router.receiver is not receiver:
             router = self._routers[id(receiver)] = PushRouter(receiver)
@@ -279,6 +282,8 @@ class AsyncApimart:
         if receiver is None:
             return request, None
         if request.webhook is None:
+            from .models import parse_request
+
             request = parse_request(request, webhook=receiver.webhook_url)
         if request.webhook != receiver.webhook_url:
             return request, None
@@ -317,6 +322,9 @@ class AsyncApimart:
             PayloadTooLargeError, BadRequestError, ...: the service refused it.
             APIConnectionError: the network failed after retries.
         """
+        from . import _jobs
+        from ._uploads import prepare_image
+
         self._check_open()
         image = await prepare_image(source, filename=filename)
         uploaded, _ = await _jobs.upload(self._res, image, cache=cache)
@@ -350,11 +358,15 @@ class AsyncApimart:
             SubmissionUncertainError: the task may or may not exist; carries the key.
             APIStatusError: the service refused the request.
         """
+        from . import _events, _jobs, models  # one look-up: this is a per-call path
+
         self._check_open()
-        req, _ = self._with_webhook(parse_request(request, allow_unknown=allow_unknown, **params))
+        req, _ = self._with_webhook(
+            models.parse_request(request, allow_unknown=allow_unknown, **params)
+        )
         if req.local_images():
             req.to_body()  # raises: submit() sends URLs only (generate() uploads)
-        key = checked_key(idempotency_key)
+        key = _events.checked_key(idempotency_key)
         job = _jobs.Job(request=req, key=key, timeout=None, on_event=on_event)
         try:
             return await _jobs.submit(self._res, job)
@@ -373,6 +385,8 @@ class AsyncApimart:
             BadRequestError: the service does not know the id (it answers 400).
             APIResponseValidationError: the body fit no known shape, after retries.
         """
+        from . import _jobs
+
         self._check_open()
         return await _jobs.query(self._res, _jobs.checked_task_id(task_id))
 
@@ -386,6 +400,8 @@ class AsyncApimart:
             BalanceUnavailableError: the service answered ``success: false``.
             AuthenticationError, InsufficientBalanceError, ...: the request failed.
         """
+        from ._parsing import parse_balance
+
         self._check_open()
         path = "/v1/user/balance" if account else "/v1/balance"
         res = self._res
@@ -416,10 +432,12 @@ class AsyncApimart:
             ResultMissingError: completed, but no result URL was ever listed.
             TaskTimeoutError: *timeout* passed first; resume with ``wait(err.task_id)``.
         """
+        from . import _jobs, types
+
         self._check_open()
-        fresh = isinstance(task, Task)
-        if not isinstance(task, Task):
-            task = Task(id=_jobs.checked_task_id(task), status=TaskStatus.UNKNOWN)
+        fresh = isinstance(task, types.Task)
+        if not isinstance(task, types.Task):
+            task = types.Task(id=_jobs.checked_task_id(task), status=types.TaskStatus.UNKNOWN)
         job = _jobs.Job(
             task=task,
             fresh=fresh,
@@ -464,13 +482,15 @@ class AsyncApimart:
             InvalidRequestError / InvalidImageError: before any request.
             SubmissionUncertainError, TaskFailedError, TaskTimeoutError, ApimartError.
         """
+        from . import _events, _jobs, models  # one look-up: this is a per-call path
+
         self._check_open()
         req, pushes = self._with_webhook(
-            parse_request(request, allow_unknown=allow_unknown, **params)
+            models.parse_request(request, allow_unknown=allow_unknown, **params)
         )
         job = _jobs.Job(
             request=req,
-            key=checked_key(idempotency_key),
+            key=_events.checked_key(idempotency_key),
             timeout=self._deadline(timeout),
             on_event=on_event,
         )
@@ -518,6 +538,10 @@ class AsyncApimart:
             ResultExpiredError: the task's ``expires_at`` has passed.
             APIResponseValidationError: a result is not an image or is over the cap.
         """
+        from ._download import download_images
+        from ._events import emit
+        from .types import DownloadedEvent, Task
+
         self._check_open()
         paths = await download_images(self._res, task, dest, names=names, overwrite=overwrite)
         if on_event is not None and isinstance(task, Task):
@@ -572,6 +596,10 @@ class AsyncApimart:
         ``WebhookReceiver``, whose pushes then end the jobs' waits (rare polls remain
         as a safety net). Without it, the client's own *webhooks* receiver applies.
         """
+        from ._budget import Budget
+        from ._pipeline import Pipeline
+        from ._webhook_url import validate_webhook_url
+
         budget = Budget(max_cost=max_cost, max_images=max_images, prices=prices)
         webhook_url: str | None
         if isinstance(webhook, str):
@@ -632,3 +660,7 @@ class _Run(AbstractAsyncContextManager["OutcomeStream"]):
                 "generate_many() starts a run: use `async with client.generate_many(...) "
                 "as outcomes:`, then `async for outcome in outcomes:`"
             )
+
+
+# Re-exported by the package root: shown as ``apimart_async.AsyncApimart``.
+AsyncApimart.__module__ = "apimart_async"

@@ -639,3 +639,7 @@ class Pipeline:
             return
         assert self._group is not None
         self._group.start_soon(func, *args)
+
+
+# Re-exported by the package root: shown as ``apimart_async.OutcomeStream``.
+OutcomeStream.__module__ = "apimart_async"

@@ -605,3 +605,7 @@ def _loop_running_here() -> bool:
     except RuntimeError:  # NoEventLoopError, or sniffio's AsyncLibraryNotFoundError
         return False
     return True
+
+
+# Re-exported by the package root: shown as ``apimart_async.OutcomeIterator``.
+OutcomeIterator.__module__ = "apimart_async"

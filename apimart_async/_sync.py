@@ -391,3 +391,7 @@ class _BatchRun(AbstractContextManager["OutcomeIterator"]):
                 "generate_many() starts a run: use `with client.generate_many(...) as "
                 "outcomes:`, then `for outcome in outcomes:`"
             )
+
+
+# Re-exported by the package root: shown as ``apimart_async.Apimart``.
+Apimart.__module__ = "apimart_async"

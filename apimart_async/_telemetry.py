@@ -5,7 +5,9 @@ it costs nothing until the application installs a tracer or meter provider. The
 decision is made once per client, when it is created, from the global providers
 (``opentelemetry.trace`` / ``opentelemetry.metrics``): a provider set after
 ``import apimart_async`` is used by clients created afterwards. Without one,
-``Telemetry.for_client()`` returns None and every call site skips its one check.
+``Telemetry.for_client()`` returns None and every call site skips its one check; when
+nothing imported the API at all (and no ``OTEL_PYTHON_TRACER_PROVIDER`` /
+``OTEL_PYTHON_METER_PROVIDER`` names a provider), it does not import it either.
 
 What is recorded, the same on every transport (aiohttp, httpx, a borrowed client),
 because it is recorded above the transport seam:
@@ -28,6 +30,8 @@ prompt (only its length).
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from typing import TYPE_CHECKING, Any
 
 from ._version import __version__
@@ -41,9 +45,21 @@ __all__ = ["Telemetry"]
 
 _SCOPE = "apimart_async"
 _UNTRACED = object()  # a job's "span" when only metrics are recorded
+# Imported by whatever sets a global provider (``set_tracer_provider``, the SDK).
+_OTEL_MODULES = ("opentelemetry.trace", "opentelemetry.metrics")
+# Provider classes (entry point names) the API loads by itself on the first look-up.
+_OTEL_PROVIDER_VARIABLES = ("OTEL_PYTHON_TRACER_PROVIDER", "OTEL_PYTHON_METER_PROVIDER")
 _UNSET_PROVIDERS = frozenset(
     {"ProxyTracerProvider", "NoOpTracerProvider", "_ProxyMeterProvider", "NoOpMeterProvider"}
 )
+
+
+def _otel_configured() -> bool:
+    """Whether an OpenTelemetry provider may be set: the API was imported, or the
+    environment names a provider for it to load."""
+    return any(name in sys.modules for name in _OTEL_MODULES) or any(
+        os.environ.get(name) for name in _OTEL_PROVIDER_VARIABLES
+    )
 
 
 def _route(path: str) -> str:
@@ -104,7 +120,15 @@ class Telemetry:
 
     @classmethod
     def for_client(cls) -> Telemetry | None:
-        """Telemetry from the global providers, or None when none is set (or installed)."""
+        """Telemetry from the global providers, or None when none is set (or installed).
+
+        A provider is set by code that imported ``opentelemetry.trace`` or
+        ``opentelemetry.metrics`` (the SDK, ``opentelemetry-instrument``), or named by
+        the ``OTEL_PYTHON_*_PROVIDER`` variables (loaded on the first look-up). With
+        neither, none can be set, and importing the API (milliseconds) is skipped.
+        """
+        if not _otel_configured():
+            return None
         try:
             from opentelemetry import metrics, trace
         except ImportError:

@@ -66,7 +66,6 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ._exceptions import InvalidRequestError, UnknownModelError
-from ._webhook_url import webhook_url_problem as _webhook_url_problem
 
 if TYPE_CHECKING:
     import sys
@@ -478,7 +477,10 @@ class BaseImageRequest(BaseModel, metaclass=_RequestMeta):
         # it cannot reach here, with the reason (the rules live in _webhook_url).
         if value is None:
             return None
-        problem = _webhook_url_problem(value)
+        # Imported here: most requests carry no webhook, and the rules cost an import.
+        from ._webhook_url import webhook_url_problem
+
+        problem = webhook_url_problem(value)
         if problem is not None:
             raise _rule("webhook", problem)
         return value

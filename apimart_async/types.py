@@ -299,3 +299,9 @@ Event = (
     | DownloadedEvent
 )
 """Any progress event; switch on ``event.kind``."""
+
+# The package root re-exports these: they show as ``apimart_async.X`` in reprs and
+# tracebacks however they were first imported (see ``apimart_async.__init__``).
+for _public in (AccountBalance, Outcome, Task, TaskStatus, UploadedImage):
+    _public.__module__ = "apimart_async"
+del _public

@@ -299,3 +299,57 @@ def test_a_spent_retry_budget_logs_no_retry_that_never_happens(
         "attempt 3 of 3",
     ]
     assert all(m.count("req_") <= 1 for m in retries)  # the request id named once
+
+
+_CREATE_AND_USE = """
+    import sys, anyio
+    from apimart_async import AsyncApimart, PollPolicy
+    from apimart_async.testing import FakeApimart
+
+    async def main():
+        fake = FakeApimart(api_key="k")
+        async with AsyncApimart(api_key="k", transport=fake.transport(),
+                                poll=PollPolicy().scaled(0.001)) as client:
+            await client.generate(model="imagen-4.0-apimart", prompt="p")
+        return fake
+
+    fake = anyio.run(main)
+    otel = sorted(m for m in sys.modules if m.split(".")[0] == "opentelemetry")
+    traced = any("traceparent" in r.headers for r in fake.requests)
+    print(len(fake.requests), traced, " ".join(otel))
+"""
+
+
+def run_clean(env: dict[str, str]) -> list[str]:
+    """Run ``_CREATE_AND_USE`` in a fresh interpreter with no OTEL_* variables but *env*."""
+    import os
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(_CREATE_AND_USE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**clean, **env},
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout.split()
+
+
+def test_a_program_that_never_imported_opentelemetry_does_not_import_it() -> None:
+    """Nothing imported the API and no variable names a provider: none can be set, so
+    creating and using a client imports no OpenTelemetry module at all."""
+    requests, traced, *otel = run_clean({})
+    assert int(requests) >= 2  # the client did talk to the fake (submit, poll)
+    assert traced == "False"
+    assert otel == []
+
+
+def test_a_provider_named_by_the_environment_is_still_used() -> None:
+    """``OTEL_PYTHON_TRACER_PROVIDER`` names a provider the API loads by itself on the
+    first look-up: the client looks, so its requests carry a trace context."""
+    requests, traced, *otel = run_clean({"OTEL_PYTHON_TRACER_PROVIDER": "sdk_tracer_provider"})
+    assert int(requests) >= 2
+    assert traced == "True"
+    assert "opentelemetry.trace" in otel
