@@ -24,6 +24,7 @@ from ._exceptions import (
     RateLimitError,
     status_error_class,
 )
+from ._text import encodable
 from .types import AccountBalance, Task, TaskErrorInfo, TaskStatus, UploadedImage
 
 if TYPE_CHECKING:
@@ -42,14 +43,6 @@ __all__ = [
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 _BAD_URL = re.compile(r"[\s\x00-\x1f\x7f]")
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def decode_json(content: bytes, status_code: int) -> Any:
@@ -348,7 +341,7 @@ def parse_upload(body: object, *, sha256: str | None = None) -> UploadedImage:
     url = obj.get("url") or obj.get("image_url")
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
         raise _invalid("upload response carries no http(s) url", body)
-    if _BAD_URL.search(url) or not url.isascii() and not _encodable(url):
+    if _BAD_URL.search(url) or not url.isascii() and not encodable(url):
         # It goes into the submit as it is: nothing a request could not carry.
         raise _invalid("upload response carries a malformed url", body)
     created = _timestamp(obj.get("created_at")) or datetime.now(timezone.utc)

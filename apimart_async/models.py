@@ -66,6 +66,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from ._exceptions import InvalidRequestError, UnknownModelError
+from ._text import encodable as _encodable
 
 if TYPE_CHECKING:
     import sys
@@ -163,15 +164,6 @@ def _is_http_url(text: str) -> bool:
     except ValueError:  # e.g. an unbalanced IPv6 bracket
         return False
     return parts.scheme.lower() in ("http", "https") and bool(parts.hostname)
-
-
-def _encodable(text: str) -> bool:
-    """Whether *text* can go on the wire as UTF-8 (a lone surrogate cannot)."""
-    try:
-        text.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _is_data_uri(text: str) -> bool:

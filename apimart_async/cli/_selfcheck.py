@@ -329,10 +329,9 @@ def check_results(journal: Journal, *, rebuild: bool, images: bool = True) -> li
             journal.adopt(job_id, state="uncertain", task_id=None, detail="rebuilt")
         rebuilt += 1
     if behind:
-        shown = ", ".join(behind[:_MAX_LISTED]) + (" ..." if len(behind) > _MAX_LISTED else "")
         raise JournalRefused(
             f"the journal {journal.path} knows less than {directory / RESULTS_NAME}: "
-            f"{len(behind)} job(s) recorded there are missing from it ({shown}); it was "
+            f"{len(behind)} job(s) recorded there are missing from it ({_some(behind)}); it was "
             "partly dropped (a lost -wal file?). Restore it, or rerun with "
             "--rebuild-journal to adopt what results.jsonl records."
         )
@@ -356,13 +355,17 @@ def _refuse_if_images_outrun(journal: Journal) -> None:
     states = journal.states(jobs)
     behind = sorted(j for j in jobs if states.get(j, "pending") in _BEFORE_ITS_TASK)
     if behind:
-        shown = ", ".join(behind[:_MAX_LISTED]) + (" ..." if len(behind) > _MAX_LISTED else "")
         raise JournalRefused(
             f"the journal {journal.path} knows less than the folder: {len(behind)} job(s) "
-            f"have result images but no submit in it ({shown}); it was partly dropped (a "
+            f"have result images but no submit in it ({_some(behind)}); it was partly dropped (a "
             "lost -wal file?). Restore it, or rerun with --rebuild-journal to adopt the "
             "images and results.jsonl."
         )
+
+
+def _some(ids: Sequence[str]) -> str:
+    """The first few of *ids*, for a message."""
+    return ", ".join(ids[:_MAX_LISTED]) + (" ..." if len(ids) > _MAX_LISTED else "")
 
 
 def _image_jobs(directory: Path) -> set[str]:
