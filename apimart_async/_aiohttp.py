@@ -91,7 +91,11 @@ class AiohttpTransport:
         timeout = request.timeout
         limit = request_deadline(timeout)
         total = None if limit == float("inf") else limit
-        await self._take_slot(request)
+        slots = self._slots
+        if slots.locked():
+            await self._wait_slot(request)
+        else:
+            await slots.acquire()  # free: taken at once, no suspension, no extra frame
         try:
             async with self._get_session().request(
                 request.method,
@@ -113,13 +117,16 @@ class AiohttpTransport:
         except _REFUSED:
             raise _unsendable(request) from None
         finally:
-            self._slots.release()
+            slots.release()
 
     @contextlib.asynccontextmanager
     async def stream(self, request: Request) -> AsyncGenerator[Streamed]:
         """A download: per-read timeouts apply, the caller bounds the whole of it."""
         timeout = request.timeout
-        await self._take_slot(request)
+        if self._slots.locked():
+            await self._wait_slot(request)
+        else:
+            await self._slots.acquire()
         try:
             try:
                 response = await self._get_session().request(
@@ -141,11 +148,8 @@ class AiohttpTransport:
         finally:
             self._slots.release()
 
-    async def _take_slot(self, request: Request) -> None:
+    async def _wait_slot(self, request: Request) -> None:
         """Queue for a connection; a wait past the pool timeout sends nothing."""
-        if not self._slots.locked():
-            await self._slots.acquire()  # free: taken at once, no suspension
-            return
         pool_timeout = request.timeout.pool
         try:
             if sys.version_info >= (3, 11):  # a timer, where wait_for spawns a task

@@ -41,7 +41,13 @@ from ._exceptions import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
+    from collections.abc import (
+        AsyncGenerator,
+        AsyncIterable,
+        AsyncIterator,
+        Coroutine,
+        Mapping,
+    )
     from contextlib import AbstractAsyncContextManager
     from typing import Any
 
@@ -438,9 +444,10 @@ class AutoTransport:
         self._chosen = chosen
         return chosen
 
-    async def exchange(self, request: Request, cap: int) -> Exchange:
-        """An API call through the chosen transport."""
-        return await (self._chosen or self._choose()).exchange(request, cap)
+    def exchange(self, request: Request, cap: int) -> Coroutine[Any, Any, Exchange]:
+        """An API call through the chosen transport (its coroutine itself: no extra
+        frame per request)."""
+        return (self._chosen or self._choose()).exchange(request, cap)
 
     def stream(self, request: Request) -> AbstractAsyncContextManager[Streamed]:
         """A streamed response through the chosen transport."""
