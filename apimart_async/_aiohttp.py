@@ -42,6 +42,9 @@ __all__ = ["AiohttpTransport"]
 _AIOHTTP = (aiohttp.ClientError, asyncio.TimeoutError)
 # aiohttp refuses malformed header values with a bare ValueError, before sending.
 _REFUSED = ValueError
+# aiohttp's own User-Agent, Accept and Accept-Encoding stay off downloads (a result
+# host learns nothing about us; no compressed body is asked for).
+_SKIP_AUTO = ("User-Agent", "Accept-Encoding", "Accept")
 _Timeouts = tuple[float | None, float | None, float | None, float | None]
 
 
@@ -73,10 +76,11 @@ class AiohttpTransport:
                 keepalive_timeout=self._keepalive or 0,
                 force_close=self._keepalive == 0,
             )
+            # No session-wide skip_auto_headers: aiohttp rebuilds that list into two
+            # multidicts on every request. API requests name all three headers
+            # themselves (HttpCore), so none is added; downloads skip them per call.
             self._session = aiohttp.ClientSession(
-                connector=connector,
-                skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
-                cookie_jar=aiohttp.DummyCookieJar(),
+                connector=connector, cookie_jar=aiohttp.DummyCookieJar()
             )
         return self._session
 
@@ -135,6 +139,7 @@ class AiohttpTransport:
                     headers=request.headers,
                     allow_redirects=False,
                     timeout=self._timeout((timeout.connect, timeout.pool, timeout.read, None)),
+                    skip_auto_headers=_SKIP_AUTO,
                 )
             except _AIOHTTP as exc:
                 raise mapped(exc, request) from (None if carries_request(exc) else exc)

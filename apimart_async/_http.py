@@ -68,7 +68,9 @@ class HttpCore:
         self._auth = {"Authorization": f"Bearer {api_key}"}
         self.timeout = timeout
         self._cap = max_response_bytes
-        self._default_headers = dict(headers)
+        # Bodies are capped as they arrive, so ask for them uncompressed: the cap then
+        # bounds what is held, and no transport adds its own Accept-Encoding.
+        self._default_headers = {"Accept-Encoding": "identity", **headers}
 
     def __repr__(self) -> str:
         return f"<HttpCore {self._prefix!r}>"
