@@ -362,3 +362,45 @@ async def test_api_calls_ask_for_identity_and_downloads_carry_no_library_headers
     if backend == "aiohttp":  # httpx's own pool sends its defaults, as it always did
         assert "user-agent" not in download_names and "accept-encoding" not in download_names
     assert "authorization" not in download_names
+
+
+async def test_the_aiohttp_slot_queue_never_loses_a_slot(backend: str) -> None:
+    """aiohttp's connection slots: a waiter that times out leaves no hole, one
+    cancelled just after being handed a slot passes it on, waiters are served in
+    order, and every slot comes back."""
+    if backend != "aiohttp":
+        pytest.skip("the aiohttp transport's own queue (asyncio only)")
+    import asyncio
+
+    from apimart_async._aiohttp import (
+        _PoolTimeout,  # pyright: ignore[reportPrivateUsage]
+        _Slots,  # pyright: ignore[reportPrivateUsage]
+    )
+
+    slots = _Slots(1)
+    assert slots.take_now()
+    assert not slots.take_now()
+    with pytest.raises(_PoolTimeout):
+        await slots.take(0.01)  # the only slot is held
+    served: list[str] = []
+
+    async def wait_for_slot(name: str) -> None:
+        await slots.take(None)
+        served.append(name)
+
+    first = asyncio.create_task(wait_for_slot("first"))
+    second = asyncio.create_task(wait_for_slot("second"))
+    third = asyncio.create_task(wait_for_slot("third"))
+    await asyncio.sleep(0)  # all three queued, in this order
+    slots.release()  # handed to "first"...
+    first.cancel()  # ...which is cancelled before it resumes: "second" gets it
+    with anyio.fail_after(5):
+        await second
+        assert not third.done()
+        slots.release()
+        await third
+    assert first.cancelled()
+    assert served == ["second", "third"]
+    slots.release()
+    assert slots.take_now()  # the one slot is back, and only one
+    assert not slots.take_now()
