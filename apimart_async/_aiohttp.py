@@ -35,6 +35,8 @@ from ._transport import (
 if TYPE_CHECKING:
     from collections.abc import AsyncGenerator
 
+    import httpx
+
     from ._transport import Request
 
 __all__ = ["AiohttpTransport"]
@@ -45,6 +47,7 @@ _REFUSED = ValueError
 # aiohttp's own User-Agent, Accept and Accept-Encoding stay off downloads (a result
 # host learns nothing about us; no compressed body is asked for).
 _SKIP_AUTO = ("User-Agent", "Accept-Encoding", "Accept")
+_MAX_TIMEOUTS = 64
 _Timeouts = tuple[float | None, float | None, float | None, float | None]
 
 
@@ -58,7 +61,14 @@ class AiohttpTransport:
     on 100 connections that was a fifth of the client's CPU, in garbage collection).
     """
 
-    __slots__ = ("_keepalive", "_max_connections", "_session", "_slots", "_timeouts")
+    __slots__ = (
+        "_api_timeouts",
+        "_keepalive",
+        "_max_connections",
+        "_session",
+        "_slots",
+        "_timeouts",
+    )
 
     def __init__(self, *, max_connections: int, keepalive_expiry: float | None = 5.0) -> None:
         self._max_connections = max_connections
@@ -66,6 +76,7 @@ class AiohttpTransport:
         self._session: aiohttp.ClientSession | None = None
         # A handful of distinct timeout settings exist per client; build each once.
         self._timeouts: dict[_Timeouts, aiohttp.ClientTimeout] = {}
+        self._api_timeouts: dict[int, tuple[httpx.Timeout, aiohttp.ClientTimeout]] = {}
         self._slots = _Slots(max_connections)
 
     def _get_session(self) -> aiohttp.ClientSession:
@@ -93,8 +104,9 @@ class AiohttpTransport:
         pipeline's CPU for JSON bodies of a few hundred bytes.
         """
         timeout = request.timeout
-        limit = request_deadline(timeout)
-        total = None if limit == float("inf") else limit
+        cached = self._api_timeouts.get(id(timeout))
+        if cached is None or cached[0] is not timeout:
+            cached = self._api_timeout(timeout)
         slots = self._slots
         if not slots.take_now():
             await self._wait_slot(request)
@@ -105,7 +117,7 @@ class AiohttpTransport:
                 headers=request.headers,
                 data=request.content,
                 allow_redirects=False,
-                timeout=self._timeout((timeout.connect, timeout.pool, None, total)),
+                timeout=cached[1],
                 compress=None,
             ) as response:
                 status = response.status
@@ -161,6 +173,18 @@ class AiohttpTransport:
                 url=request.url,
                 sent=False,
             ) from None
+
+    def _api_timeout(self, timeout: httpx.Timeout) -> tuple[httpx.Timeout, aiohttp.ClientTimeout]:
+        """The aiohttp settings of an API call under *timeout*, remembered per object
+        (a client uses a handful: its own, the upload one); kept with the object, so
+        an id reused by a later one never matches."""
+        limit = request_deadline(timeout)
+        total = None if limit == float("inf") else limit
+        entry = (timeout, self._timeout((timeout.connect, timeout.pool, None, total)))
+        if len(self._api_timeouts) >= _MAX_TIMEOUTS:  # per-call timeouts: stay bounded
+            self._api_timeouts.clear()
+        self._api_timeouts[id(timeout)] = entry
+        return entry
 
     def _timeout(self, key: _Timeouts) -> aiohttp.ClientTimeout:
         cached = self._timeouts.get(key)
