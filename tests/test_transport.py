@@ -404,3 +404,15 @@ async def test_the_aiohttp_slot_queue_never_loses_a_slot(backend: str) -> None:
     slots.release()
     assert slots.take_now()  # the one slot is back, and only one
     assert not slots.take_now()
+
+    # Pool timeouts share one timer: a later waiter with a shorter timeout still
+    # times out on time, the earlier one waits on and is served next.
+    patient = asyncio.create_task(slots.take(30.0))
+    hasty = asyncio.create_task(slots.take(0.01))
+    with anyio.fail_after(5):
+        with pytest.raises(_PoolTimeout):
+            await hasty
+        assert not patient.done()
+        slots.release()
+        await patient
+    assert not slots.take_now()
