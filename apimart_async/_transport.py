@@ -114,8 +114,11 @@ class Transport(Protocol):
     Failures are raised as our own errors (``network_error``), never a foreign class.
     """
 
-    async def exchange(self, request: Request, cap: int) -> Exchange:
-        """Send *request*; read its whole body, refusing more than *cap* bytes."""
+    def exchange(self, request: Request, cap: int) -> Coroutine[Any, Any, Exchange]:
+        """Send *request*; read its whole body, refusing more than *cap* bytes.
+
+        A coroutine (an ``async def``, or a plain method handing on another's).
+        """
         ...
 
     def stream(self, request: Request) -> AbstractAsyncContextManager[Streamed]:
