@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import random
+import re
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import quote
 
@@ -66,6 +67,7 @@ from .types import (
 
 if TYPE_CHECKING:
     from collections.abc import Awaitable, Callable
+    from pathlib import Path
 
     import httpx
 
@@ -98,6 +100,8 @@ logger = logging.getLogger("apimart_async.jobs")
 
 UPLOAD_PATH = "/v1/uploads/images"
 SUBMIT_PATH = "/v1/images/generations"
+# Task ids that escape to themselves (quote() keeps these; dots are escaped apart).
+_PLAIN_ID = re.compile(r"[A-Za-z0-9_-]+").fullmatch
 # How often a task reported completed without any result URL is queried again before
 # it is reported as ``ResultMissingError`` (the service may fill the URLs in late).
 RESULT_REQUERIES = 3
@@ -347,11 +351,12 @@ async def _upload_attempt(res: Resources, image: PreparedImage) -> Any:
     )
 
 
-async def _upload_references(res: Resources, job: Job) -> None:
-    """Upload the request's local images and put their URLs in its place."""
+async def _upload_references(
+    res: Resources, job: Job, local: list[tuple[int, Path | bytes]]
+) -> None:
+    """Upload the request's *local* images and put their URLs in their place."""
     request = job.request
     assert request is not None
-    local = request.local_images()
     t0 = now()
     entries = [u if isinstance(u, str) else "" for u in (request.image_urls or ())]
     # Every image is checked before any is uploaded: one bad file costs no upload.
@@ -391,14 +396,15 @@ async def submit(res: Resources, job: Job) -> Task:
     request = job.request
     assert request is not None
     gate = job.gate
-    uploads = bool(request.local_images())
+    local = request.local_images()
+    uploads = bool(local)
     admitted = gate is None
     if gate is not None and not uploads:
         admitted = gate.admit_now(job)
     # The common case needs no cancel scope: nothing to upload, admitted at once, a
     # free slot. Otherwise the waiting happens under the job's deadline.
     if uploads or not admitted or not _take(res.submit_slots):
-        await _prepare_submit(res, job, uploads, admitted=admitted)
+        await _prepare_submit(res, job, local, admitted=admitted)
     request = job.request
     assert request is not None
     try:
@@ -432,14 +438,17 @@ async def submit(res: Resources, job: Job) -> Task:
     return task
 
 
-async def _prepare_submit(res: Resources, job: Job, uploads: bool, *, admitted: bool) -> None:
-    """The slow path of ``submit``: uploads, admission and a slot, under the deadline."""
+async def _prepare_submit(
+    res: Resources, job: Job, local: list[tuple[int, Path | bytes]], *, admitted: bool
+) -> None:
+    """The slow path of ``submit``: uploads (*local*: the request's local images),
+    admission and a slot, under the deadline."""
     gate = job.gate
     stage, path, sent = "uploading images", UPLOAD_PATH, True
     with anyio.CancelScope(deadline=job.deadline) as scope:
-        if uploads:
+        if local:
             with _stage(res, job, "apimart.upload"):
-                await _upload_references(res, job)
+                await _upload_references(res, job, local)
         stage, path, sent = "waiting to submit", SUBMIT_PATH, False
         if gate is not None and not admitted:
             await gate.admit(job)
@@ -540,8 +549,11 @@ def checked_task_id(task_id: str) -> str:
 
 def task_path(task_id: str) -> str:
     """The query path of *task_id*; ids are opaque, so everything is escaped."""
+    checked = checked_task_id(task_id)
+    if _PLAIN_ID(checked):  # the service's own ids: nothing to escape
+        return "/v1/tasks/" + checked
     # Dots too, so "../x" stays one segment.
-    return "/v1/tasks/" + quote(checked_task_id(task_id), safe="").replace(".", "%2E")
+    return "/v1/tasks/" + quote(checked, safe="").replace(".", "%2E")
 
 
 async def query(res: Resources, task_id: str) -> Task:

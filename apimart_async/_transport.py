@@ -41,7 +41,13 @@ from ._exceptions import (
 )
 
 if TYPE_CHECKING:
-    from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Mapping
+    from collections.abc import (
+        AsyncGenerator,
+        AsyncIterable,
+        AsyncIterator,
+        Coroutine,
+        Mapping,
+    )
     from contextlib import AbstractAsyncContextManager
     from typing import Any
 
@@ -108,8 +114,11 @@ class Transport(Protocol):
     Failures are raised as our own errors (``network_error``), never a foreign class.
     """
 
-    async def exchange(self, request: Request, cap: int) -> Exchange:
-        """Send *request*; read its whole body, refusing more than *cap* bytes."""
+    def exchange(self, request: Request, cap: int) -> Coroutine[Any, Any, Exchange]:
+        """Send *request*; read its whole body, refusing more than *cap* bytes.
+
+        A coroutine (an ``async def``, or a plain method handing on another's).
+        """
         ...
 
     def stream(self, request: Request) -> AbstractAsyncContextManager[Streamed]:
@@ -438,9 +447,10 @@ class AutoTransport:
         self._chosen = chosen
         return chosen
 
-    async def exchange(self, request: Request, cap: int) -> Exchange:
-        """An API call through the chosen transport."""
-        return await (self._chosen or self._choose()).exchange(request, cap)
+    def exchange(self, request: Request, cap: int) -> Coroutine[Any, Any, Exchange]:
+        """An API call through the chosen transport (its coroutine itself: no extra
+        frame per request)."""
+        return (self._chosen or self._choose()).exchange(request, cap)
 
     def stream(self, request: Request) -> AbstractAsyncContextManager[Streamed]:
         """A streamed response through the chosen transport."""

@@ -85,10 +85,22 @@ def _package(frame: str) -> str:
     return path.rsplit("/", 1)[-1]
 
 
-def summarize_pyspy(raw: Path) -> None:
-    """Print the layer and self-time breakdown of a py-spy ``--format raw`` file."""
+def _function(frame: str) -> str:
+    """``func (path:line)`` as ``func (package/module.py)``: one entry per function."""
+    match = re.match(r"(.*?) \((.*?)(?::\d+)?\)$", frame)
+    if not match:
+        return frame
+    name, path = match.groups()
+    parts = path.split("/")
+    return f"{name} ({'/'.join(parts[-2:])})"
+
+
+def summarize_pyspy(raw: Path, top: int = 15) -> None:
+    """Print the layer and self-time breakdown of a py-spy ``--format raw`` file, and
+    the *top* functions by own time (the innermost frame of each sample)."""
     layers: collections.Counter[str] = collections.Counter()
     own: collections.Counter[str] = collections.Counter()
+    functions: collections.Counter[str] = collections.Counter()
     total = 0
     for line in raw.read_text().splitlines():
         stack, _, count = line.rpartition(" ")
@@ -99,6 +111,7 @@ def summarize_pyspy(raw: Path) -> None:
         n = int(count)
         total += n
         own[_package(frames[-1])] += n
+        functions[_function(frames[-1])] += n
         for name, pattern in LAYERS.items():
             if any(re.search(pattern, f) for f in frames):
                 layers[name] += n
@@ -112,6 +125,10 @@ def summarize_pyspy(raw: Path) -> None:
     print("\nself time by package of the innermost frame:")
     for name, n in own.most_common(15):
         print(f"  {100 * n / total:5.1f}%  {name}")
+    if top:
+        print(f"\ntop {top} functions by own time (innermost frame):")
+        for name, n in functions.most_common(top):
+            print(f"  {100 * n / total:5.1f}%  {name}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -119,6 +136,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--impl", default="apimart")
     p.add_argument("-c", "--concurrency", type=int, default=200)
     p.add_argument("-n", "--pipelines", type=int, default=4000)
+    p.add_argument(
+        "--pool", type=int, default=None, help="connection pool (default: min(concurrency, 100))"
+    )
+    p.add_argument("--top", type=int, default=15, help="functions to list by own time")
+    p.add_argument("--keep", type=Path, help="also keep the raw profile at this path")
     p.add_argument("--cprofile", action="store_true", help="use cProfile even if py-spy exists")
     args = p.parse_args(argv)
     beside = Path(sys.executable).parent / "py-spy"  # installed into this venv
@@ -127,15 +149,19 @@ def main(argv: list[str] | None = None) -> int:
         worker = [sys.executable, "-m", "benchmarks.worker", "--impl", args.impl]
         worker += ["--base-url", fake.url, "--pipelines", str(args.pipelines)]
         worker += ["--concurrency", str(args.concurrency)]
-        out = Path(tmp) / "profile"
+        if args.pool is not None:
+            worker += ["--pool", str(args.pool)]
+        out = args.keep or Path(tmp) / "profile"
         if pyspy:
             cmd = [pyspy, "record", "--format", "raw", "-r", "500", "-o", str(out), "--"]
             subprocess.run([*cmd, *worker], check=True, capture_output=True)
-            summarize_pyspy(out)
+            summarize_pyspy(out, args.top)
         else:
             subprocess.run([*worker, "--profile", str(out)], check=True, capture_output=True)
             stats = pstats.Stats(str(out))
             stats.sort_stats("cumulative").print_stats(r"apimart_async|httpx|stamina", 40)
+            if args.top:
+                stats.sort_stats("tottime").print_stats(args.top)
     return 0
 
 

@@ -323,3 +323,96 @@ async def test_a_failed_certificate_check_is_never_retried(backend: str) -> None
             await c.submit(model="imagen-4.0-apimart", prompt="p")
     assert info.value.retryable is False
     assert len(handshakes) <= 2  # one attempt each, not five
+
+
+def _header_names(head: bytes) -> list[str]:
+    lines = head.decode("latin-1").split("\r\n")[1:]
+    return [line.split(":", 1)[0].lower() for line in lines if line]
+
+
+async def test_api_calls_ask_for_identity_and_downloads_carry_no_library_headers(
+    backend: str,
+) -> None:
+    """An API call names its own User-Agent, Accept and ``Accept-Encoding: identity``
+    (the body cap then bounds the bytes held), each once; a download sends none of
+    the library's own (no User-Agent, no Accept-Encoding) and no key."""
+    heads: list[bytes] = []
+
+    async def record(stream: anyio.abc.SocketStream) -> None:
+        heads.append(await read_request(stream))
+        await stream.send(OK)
+
+    async with server(record) as base:
+        async with client(base, backend) as c:
+            with pytest.raises(am.ApimartError):
+                await c.get_task("task_1")  # "{}" is no task: the head is what counts
+        transport = seam(backend)
+        try:
+            async with transport.stream(Request("GET", base + "/f/a.png", {}, None, TIMEOUT)):
+                pass
+        finally:
+            await transport.aclose()
+    api, download = heads[0], heads[-1]
+    names = _header_names(api)
+    assert b"\r\nAccept-Encoding: identity\r\n" in api
+    for name in ("accept-encoding", "accept", "user-agent", "authorization"):
+        assert names.count(name) == 1, (name, api)
+    assert b"apimart-async/" in api.lower()
+    download_names = _header_names(download)
+    if backend == "aiohttp":  # httpx's own pool sends its defaults, as it always did
+        assert "user-agent" not in download_names and "accept-encoding" not in download_names
+    assert "authorization" not in download_names
+
+
+async def test_the_aiohttp_slot_queue_never_loses_a_slot(backend: str) -> None:
+    """aiohttp's connection slots: a waiter that times out leaves no hole, one
+    cancelled just after being handed a slot passes it on, waiters are served in
+    order, and every slot comes back."""
+    if backend != "aiohttp":
+        pytest.skip("the aiohttp transport's own queue (asyncio only)")
+    import asyncio
+
+    from apimart_async._aiohttp import (
+        _PoolTimeout,  # pyright: ignore[reportPrivateUsage]
+        _Slots,  # pyright: ignore[reportPrivateUsage]
+    )
+
+    slots = _Slots(1)
+    assert slots.take_now()
+    assert not slots.take_now()
+    with pytest.raises(_PoolTimeout):
+        await slots.take(0.01)  # the only slot is held
+    served: list[str] = []
+
+    async def wait_for_slot(name: str) -> None:
+        await slots.take(None)
+        served.append(name)
+
+    first = asyncio.create_task(wait_for_slot("first"))
+    second = asyncio.create_task(wait_for_slot("second"))
+    third = asyncio.create_task(wait_for_slot("third"))
+    await asyncio.sleep(0)  # all three queued, in this order
+    slots.release()  # handed to "first"...
+    first.cancel()  # ...which is cancelled before it resumes: "second" gets it
+    with anyio.fail_after(5):
+        await second
+        assert not third.done()
+        slots.release()
+        await third
+    assert first.cancelled()
+    assert served == ["second", "third"]
+    slots.release()
+    assert slots.take_now()  # the one slot is back, and only one
+    assert not slots.take_now()
+
+    # Pool timeouts share one timer: a later waiter with a shorter timeout still
+    # times out on time, the earlier one waits on and is served next.
+    patient = asyncio.create_task(slots.take(30.0))
+    hasty = asyncio.create_task(slots.take(0.01))
+    with anyio.fail_after(5):
+        with pytest.raises(_PoolTimeout):
+            await hasty
+        assert not patient.done()
+        slots.release()
+        await patient
+    assert not slots.take_now()
