@@ -184,24 +184,34 @@ def test_a_lost_journal_in_an_empty_folder_just_starts(tmp_path: Path) -> None:
     assert cli("batch", str(src), "--out", str(out), fake=FakeApimart()).code == 0
 
 
-def test_a_partly_dropped_journal_is_caught_by_its_results(tmp_path: Path) -> None:
-    """A journal that lost its last commits (an old copy put back, a dropped -wal) while
-    results.jsonl records the tasks of later runs: refused; --rebuild-journal adopts
-    them, and nothing is sent again (the fake ignores keys)."""
-    fake = FakeApimart(honour_idempotency=False)
+def _three_then_six_with_an_old_journal(
+    tmp_path: Path, fake: FakeApimart, *, keep_results: bool
+) -> tuple[Path, Path]:
+    """Run 3 jobs, then 6; then put back the journal as it was after 3 (with its
+    results.jsonl too when *keep_results*: as after a kill -9 before it was rewritten)."""
     src = write_jobs(tmp_path / "jobs.jsonl", jobs(3))
     out = tmp_path / "out"
     assert cli("batch", str(src), "--out", str(out), fake=fake).code == 0
     saved = tmp_path / "saved"
     saved.mkdir()
-    for path in out.glob("journal.sqlite3*"):
-        shutil.copy2(path, saved / path.name)
+    kept = [*out.glob("journal.sqlite3*"), *([out / "results.jsonl"] if keep_results else [])]
+    for path in kept:
+        shutil.copy2(path, saved / path.name)  # copy2: results.jsonl keeps its stamp
     write_jobs(src, jobs(6))
     assert cli("batch", str(src), "--out", str(out), fake=fake).code == 0
     for path in out.glob("journal.sqlite3*"):
         path.unlink()
     for path in saved.iterdir():
-        shutil.copy2(path, out / path.name)  # the journal as it was three jobs ago
+        shutil.copy2(path, out / path.name)
+    return src, out
+
+
+def test_a_partly_dropped_journal_is_caught_by_its_results(tmp_path: Path) -> None:
+    """A journal that lost its last commits (an old copy put back, a dropped -wal) while
+    results.jsonl records the tasks of later runs: refused; --rebuild-journal adopts
+    them, and nothing is sent again (the fake ignores keys)."""
+    fake = FakeApimart(honour_idempotency=False)
+    src, out = _three_then_six_with_an_old_journal(tmp_path, fake, keep_results=False)
 
     refused = cli("batch", str(src), "--out", str(out), fake=fake)
     assert refused.code == 3 and "knows less than" in refused.err and "j4" in refused.err
@@ -217,19 +227,7 @@ def test_a_journal_behind_its_images_is_refused_then_rebuilt(tmp_path: Path) -> 
     three jobs ago, but the images of the later jobs are there. Refused (their tasks
     were paid for); --rebuild-journal adopts the images; nothing is sent again."""
     fake = FakeApimart(honour_idempotency=False)
-    src = write_jobs(tmp_path / "jobs.jsonl", jobs(3))
-    out = tmp_path / "out"
-    assert cli("batch", str(src), "--out", str(out), fake=fake).code == 0
-    saved = tmp_path / "saved"
-    saved.mkdir()
-    for path in [*out.glob("journal.sqlite3*"), out / "results.jsonl"]:
-        shutil.copy2(path, saved / path.name)  # copy2: results.jsonl keeps its stamp
-    write_jobs(src, jobs(6))
-    assert cli("batch", str(src), "--out", str(out), fake=fake).code == 0
-    for path in out.glob("journal.sqlite3*"):
-        path.unlink()
-    for path in saved.iterdir():
-        shutil.copy2(path, out / path.name)
+    src, out = _three_then_six_with_an_old_journal(tmp_path, fake, keep_results=True)
     assert (out / "j5_0.png").is_file()
 
     refused = cli("batch", str(src), "--out", str(out), fake=fake)
