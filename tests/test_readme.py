@@ -264,7 +264,8 @@ def test_two_commands_on_a_fresh_machine(tmp_path: Path) -> None:
     demo = apimart("demo", cwd=tmp_path, env=clean_env())
     assert demo.returncode == 0, demo.stderr
     assert "The demo ran as designed" in demo.stderr
-    assert test_it in (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    ci_lines = (ROOT / ".ci" / "run").read_text(encoding="utf-8").splitlines()
+    assert f"{test_it} || exit 1" in ci_lines  # verbatim, and a failure fails CI
     assert re.search(r"^def tests\(", (ROOT / "noxfile.py").read_text(), flags=re.MULTILINE)
 
 
