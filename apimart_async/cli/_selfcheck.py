@@ -14,8 +14,8 @@ trusts it blindly:
   the ways to recover, and so is a journal that knows less than the folder's
   ``results.jsonl`` or its result images (partly dropped: say, its ``-wal`` file was
   lost after a ``kill -9``, before ``results.jsonl`` was rewritten). Every row is read
-  once when the journal opens, so damage is found there, not halfway through a run. Starting over
-  there could pay again for every job already done. ``--rebuild-journal`` rebuilds it
+  once when the journal opens, so damage is found there, not halfway through a run.
+  Starting over there could pay again for every job already done. ``--rebuild-journal`` rebuilds it
   from what the folder holds, before any submit: ``results.jsonl`` (task ids, done
   jobs whose files are present), the result images (``<id>_<n>.<ext>``) and the
   recovery files; a damaged file is kept aside as ``journal.sqlite3.damaged-<time>``.
