@@ -15,10 +15,10 @@ trusts it blindly:
   ``results.jsonl`` or its result images (partly dropped: say, its ``-wal`` file was
   lost after a ``kill -9``, before ``results.jsonl`` was rewritten). Every row is read
   once when the journal opens, so damage is found there, not halfway through a run.
-  Starting over there could pay again for every job already done. ``--rebuild-journal`` rebuilds it
-  from what the folder holds, before any submit: ``results.jsonl`` (task ids, done
-  jobs whose files are present), the result images (``<id>_<n>.<ext>``) and the
-  recovery files; a damaged file is kept aside as ``journal.sqlite3.damaged-<time>``.
+  Starting over there could pay again for every job already done.
+  ``--rebuild-journal`` rebuilds it from what the folder holds, before any submit:
+  ``results.jsonl`` (task ids, done jobs whose files are present), the result images
+  (``<id>_<n>.<ext>``) and the recovery files; a damaged file is kept aside as ``journal.sqlite3.damaged-<time>``.
   Jobs found nowhere are submitted again, under their derived idempotency keys.
 * **Recovered task ids come back.** When a journal write fails mid-run, the batch
   writes every task id it could not record to ``recovered-task-ids.txt`` (in the
