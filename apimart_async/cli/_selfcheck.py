@@ -18,8 +18,9 @@ trusts it blindly:
   Starting over there could pay again for every job already done.
   ``--rebuild-journal`` rebuilds it from what the folder holds, before any submit:
   ``results.jsonl`` (task ids, done jobs whose files are present), the result images
-  (``<id>_<n>.<ext>``) and the recovery files; a damaged file is kept aside as ``journal.sqlite3.damaged-<time>``.
-  Jobs found nowhere are submitted again, under their derived idempotency keys.
+  (``<id>_<n>.<ext>``) and the recovery files; a damaged file is kept aside as
+  ``journal.sqlite3.damaged-<time>``. Jobs found nowhere are submitted again, under
+  their derived idempotency keys.
 * **Recovered task ids come back.** When a journal write fails mid-run, the batch
   writes every task id it could not record to ``recovered-task-ids.txt`` (in the
   folder, else the working directory, else the temporary directory). The next run
