@@ -409,33 +409,33 @@ class Pipeline:
 
     def admit_now(self, job: Job) -> bool:
         """``Gate``: reserve the job's place in the budget if nothing needs waiting."""
-        if self.stop is not None:
-            raise self._stopped()
-        request = job.request
-        assert request is not None
-        images = _images_of(request)
+        model, images = self._asking(job)
         try:
-            admitted, estimate = self.budget.try_admit(request.model, images)
+            admitted, estimate = self.budget.try_admit(model, images)
         except BudgetExceededError as exc:
             self._halt(exc)
             raise
         if admitted:
-            self._admitted[job] = (request.model, images, estimate)
+            self._admitted[job] = (model, images, estimate)
         return admitted
 
     async def admit(self, job: Job) -> None:
         """``Gate``: reserve the job's place in the budget (may wait, or refuse)."""
+        model, images = self._asking(job)
+        try:
+            estimate = await self.budget.admit(model, images)
+        except BudgetExceededError as exc:
+            self._halt(exc)
+            raise
+        self._admitted[job] = (model, images, estimate)
+
+    def _asking(self, job: Job) -> tuple[str, int]:
+        """What *job* asks the budget for (model, images); the stop, if spending ended."""
         if self.stop is not None:
             raise self._stopped()
         request = job.request
         assert request is not None
-        images = _images_of(request)
-        try:
-            estimate = await self.budget.admit(request.model, images)
-        except BudgetExceededError as exc:
-            self._halt(exc)
-            raise
-        self._admitted[job] = (request.model, images, estimate)
+        return request.model, _images_of(request)
 
     def check(self, job: Job) -> None:
         """``Gate``: right before sending, refuse if submitting stopped meanwhile."""
