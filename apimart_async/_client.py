@@ -388,7 +388,7 @@ class AsyncApimart:
         from . import _jobs
 
         self._check_open()
-        return await _jobs.query(self._res, _jobs.checked_task_id(task_id))
+        return await _jobs.query(self._res, task_id)  # checked by the query's path
 
     async def balance(self, *, account: bool = False) -> AccountBalance:
         """What the key (or, with *account*, the whole account) has left to spend.
@@ -420,8 +420,9 @@ class AsyncApimart:
 
         Given a ``Task`` fresh from ``submit``, the first poll waits a moment; given an
         id (resuming), it polls at once. ``wait`` always polls (it cannot know whether the
-        task was submitted with a webhook); ``generate`` takes pushed results. The schedule adapts (see ``PollPolicy``) and
-        every query draws from the client-wide poll budget. Transient query failures
+        task was submitted with a webhook); ``generate`` takes pushed results. The
+        schedule adapts (see ``PollPolicy``) and every query draws from the client-wide
+        poll budget. Transient query failures
         are retried and, if they persist, polling goes on until the deadline, so a
         brief outage never loses a task. An unknown status keeps polling until the
         deadline; a completed task without result URLs is asked about a few times more.

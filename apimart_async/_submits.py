@@ -202,9 +202,7 @@ class SubmitKeeper:
                 with anyio.CancelScope(shield=True):
                     await self._report(flight)
             # Only now: closing the client waits until every report was made.
-            self._flights.pop(flight, None)
-            if not self._flights and self._idle is not None:
-                self._idle.set()
+            self._landed(flight)
 
     def _abandon(self, flight: Flight) -> None:
         """The caller stopped waiting: bound the submit, and report it when it ends."""
@@ -221,9 +219,13 @@ class SubmitKeeper:
             with anyio.CancelScope(shield=True):
                 await self._report(flight)
         finally:
-            self._flights.pop(flight, None)
-            if not self._flights and self._idle is not None:
-                self._idle.set()
+            self._landed(flight)
+
+    def _landed(self, flight: Flight) -> None:
+        """*flight* is over, its report made: wake ``aclose`` once none is left."""
+        self._flights.pop(flight, None)
+        if not self._flights and self._idle is not None:
+            self._idle.set()
 
     async def _report(self, flight: Flight) -> None:
         """Report a submit whose caller left: never raises (this is the client's task)."""
