@@ -17,10 +17,11 @@ import tempfile
 import threading
 import time
 import urllib.request
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from typing_extensions import Self
+
+from .runs import REPO
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
@@ -62,9 +63,8 @@ class FakeServer:
 
     def __enter__(self) -> Self:
         # From the repository root, like the workers: this checkout's apimart_async.
-        root = Path(__file__).resolve().parent.parent
         self._proc = subprocess.Popen(
-            self.command(), stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=root
+            self.command(), stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=REPO
         )
         assert self._proc.stdout is not None
         deadline = time.monotonic() + 30

@@ -34,6 +34,7 @@ from .runs import (
     Sizes,
     check_complete,
     fake_requests,
+    fraction,
     median_run,
     ms,
     per_pipe,
@@ -85,15 +86,14 @@ def pool_configs(concurrencies: tuple[int, ...]) -> list[tuple[int, int]]:
     return configs
 
 
-def overhead_impls(
-    conc: int, pool: int, context: tuple[str, ...], *, quick: bool
-) -> tuple[str, ...]:
+def overhead_impls(conc: int, pool: int, context: tuple[str, ...]) -> tuple[str, ...]:
     """What runs at one (concurrency, pool): the baselines and our two shapes; the
     context rows only at the clients' default pool, min(conc, 100), and in quick runs
-    raw httpx there too (it takes seconds per run at high concurrency)."""
+    (no context rows) raw httpx there too (it takes seconds per run at high
+    concurrency)."""
     default_pool = pool == min(conc, DEFAULT_POOL)
     impls = OVERHEAD_IMPLS + (context if default_pool else ())
-    if quick and not default_pool:
+    if not context and not default_pool:
         impls = tuple(i for i in impls if i != "httpx")
     return impls
 
@@ -140,7 +140,7 @@ def overhead(sizes: Sizes, verbose: bool) -> Scenario:
         # the scenario weighs on all of them alike (the growth targets compare them).
         for _ in range(sizes.overhead_reps):
             for conc, pool in configs:
-                for impl in overhead_impls(conc, pool, context, quick=not sizes.context):
+                for impl in overhead_impls(conc, pool, context):
                     run = runner.run(impl, pipelines=n, concurrency=conc, pool=pool, poll="prompt")
                     results.setdefault((impl, conc, pool), []).append(run)
     cost: dict[tuple[str, int, int], float | None] = {}
@@ -198,7 +198,7 @@ def overhead(sizes: Sizes, verbose: bool) -> Scenario:
             sc.targets.append(
                 Target(
                     f"{LABELS[impl]} CPU/pipeline vs raw aiohttp @ concurrency {conc}, pool {pool}",
-                    None if ours is None or not base else ours / base,
+                    fraction(ours, base),
                     OVERHEAD_TARGET,
                     unit="x",
                 )
@@ -377,7 +377,7 @@ def memory(sizes: Sizes, verbose: bool) -> Scenario:
     sc.targets.append(
         Target(
             "apimart_async RSS growth per in-flight pipeline vs raw aiohttp",
-            None if ours is None or not base else ours / base,
+            fraction(ours, base),
             1.5,
             unit="x",
         )
@@ -552,7 +552,7 @@ def e2e(sizes: Sizes, verbose: bool) -> Scenario:
         sc.targets.append(
             Target(
                 f"{LABELS[impl]} sustained pipelines/s vs raw aiohttp",
-                None if ours is None or not base else ours / base,
+                fraction(ours, base),
                 E2E_TARGET,
                 op=">=",
                 unit="x",

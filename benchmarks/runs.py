@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +33,7 @@ __all__ = [
     "Sizes",
     "check_complete",
     "fake_requests",
+    "fraction",
     "free_port",
     "median_run",
     "ms",
@@ -104,30 +105,18 @@ FULL = Sizes(
     e2e_scale=0.05,
     e2e_reps=3,
 )
-QUICK = Sizes(
+QUICK = replace(
+    FULL,
     overhead_pipelines=1000,  # at least the top concurrency, so 1,000 are in flight at once
-    overhead_concurrency=(10, 200, 1000),
     overhead_reps=1,
     context=False,
     tracing_pipelines=500,
-    tracing_concurrency=200,
-    tracing_reps=5,
     startup_reps=10,
     first_call_reps=5,
     polling_pipelines=500,
-    polling_concurrency=100,
-    polling_scale=0.05,
-    webhooks_pipelines=1000,
-    webhooks_concurrency=100,
-    webhooks_scale=0.05,
-    webhooks_drop=0.01,
     memory_inflight=2000,
-    memory_pool=100,
     shared_jobs=200,
     e2e_pipelines=600,
-    e2e_concurrency=200,
-    e2e_scale=0.05,
-    e2e_reps=3,
 )
 
 LABELS = {
@@ -215,11 +204,15 @@ def spread(runs: list[dict[str, Any]], key: str) -> str:
     return f"{100 * (max(values) - min(values)) / statistics.median(values):.0f}%"
 
 
+def fraction(value: float | None, base: float | None) -> float | None:
+    """``value / base``, or None when either is missing (or *base* is zero)."""
+    return None if value is None or not base else value / base
+
+
 def ratio(value: float | None, base: float | None) -> str:
     """``value / base`` as ``1.23x``, or ``-`` when either is missing."""
-    if value is None or not base:
-        return "-"
-    return f"{value / base:.2f}x"
+    share = fraction(value, base)
+    return "-" if share is None else f"{share:.2f}x"
 
 
 def ms(seconds: float | None) -> str:

@@ -24,6 +24,7 @@ import shlex
 from typing import Any
 
 from .fakeserver import FakeServer
+from .otel import OTEL_MODES
 from .report import Scenario, Target
 from .runs import (
     LABELS,
@@ -31,6 +32,7 @@ from .runs import (
     Sizes,
     check_complete,
     fake_requests,
+    fraction,
     ms,
     per_pipe,
     ratio,
@@ -41,7 +43,7 @@ from .worker import DEFAULT_POOL
 __all__ = ["tracing"]
 
 IMPLS = ("apimart-generate", "apimart")
-MODES = ("none", "api", "noop", "sdk")
+MODES = OTEL_MODES
 MODE_LABELS = {
     "none": "not installed (hidden)",
     "api": "api, no provider",
@@ -123,7 +125,7 @@ def tracing(sizes: Sizes, verbose: bool) -> Scenario:
             sc.targets.append(
                 Target(
                     f"{LABELS[impl]} CPU/pipeline, {MODE_LABELS[mode]} vs not installed",
-                    None if value is None or not base else value / base,
+                    fraction(value, base),
                     NOOP_TARGET,
                     unit="x",
                 )
