@@ -20,6 +20,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from collections.abc import Mapping
+
     from .fakeserver import FakeServer
     from .report import Scenario
 
@@ -40,6 +42,7 @@ __all__ = [
     "per_pipe",
     "ratio",
     "requests_per_job",
+    "run_json",
     "spread",
 ]
 
@@ -152,20 +155,11 @@ class Runner:
                 cmd += [flag, str(value)]
         fake_cpu0 = self.fake.cpu_seconds()
         started = time.monotonic()
-        proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=1800, cwd=REPO, check=False
-        )
+        proc, parsed = run_json(cmd, impl, timeout=1800)
         fake_cpu = self.fake.cpu_seconds() - fake_cpu0
-        result: dict[str, Any] = {"impl": impl, **options}
-        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-        if proc.returncode != 0 or not lines:
-            result["failed"] = True
-            result["stderr"] = proc.stderr[-3000:]
-            print(f"  ! {impl} failed (exit {proc.returncode}):\n{proc.stderr[-1500:]}")
-        else:
-            result.update(json.loads(lines[-1]))
-            if proc.stderr.strip():
-                result["stderr"] = proc.stderr[-1000:]
+        result: dict[str, Any] = {"impl": impl, **options, **parsed}
+        if not result.get("failed") and proc.stderr.strip():
+            result["stderr"] = proc.stderr[-1000:]
         result["fake_cpu_s"] = fake_cpu
         result["process_s"] = time.monotonic() - started
         result["command"] = shlex.join(cmd)
@@ -176,6 +170,22 @@ class Runner:
             keys = ("impl", "concurrency", "pool", "otel", "cpu_s", "wall_s", "errors")
             print(f"    { ({k: result.get(k) for k in keys}) }", flush=True)
         return result
+
+
+def run_json(
+    cmd: list[str], what: str, *, timeout: float, env: Mapping[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """Run *cmd* from the repository root; the last JSON line it printed, or
+    ``{"failed": True, "stderr": ...}`` (and a note on stdout naming *what* failed)."""
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=timeout, cwd=REPO, check=False, env=env
+    )
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if proc.returncode != 0 or not lines:
+        print(f"  ! {what} failed (exit {proc.returncode}):\n{proc.stderr[-1500:]}")
+        return proc, {"failed": True, "stderr": proc.stderr[-3000:]}
+    parsed: dict[str, Any] = json.loads(lines[-1])
+    return proc, parsed
 
 
 def free_port() -> int:

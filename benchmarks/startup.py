@@ -255,19 +255,9 @@ def _probe_env(pycache: str) -> dict[str, str]:
 
 def _probe(cmd: list[str], env: Mapping[str, str]) -> dict[str, Any]:
     """Run one probe in a fresh interpreter from the repository root; its JSON."""
-    import subprocess
+    from .runs import run_json
 
-    from .runs import REPO
-
-    proc = subprocess.run(
-        cmd, capture_output=True, text=True, timeout=300, cwd=REPO, check=False, env=env
-    )
-    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if proc.returncode != 0 or not lines:
-        print(f"  ! startup probe failed (exit {proc.returncode}):\n{proc.stderr[-1500:]}")
-        return {"failed": True, "stderr": proc.stderr[-3000:]}
-    result: dict[str, Any] = json.loads(lines[-1])
-    return result
+    return run_json(cmd, "startup probe", timeout=300, env=env)[1]
 
 
 class _Figures:
