@@ -27,7 +27,7 @@ from anyio.from_thread import start_blocking_portal
 from apimart_async.cli._app import run
 from apimart_async.cli._setup import Runtime
 from apimart_async.cli._webhook_server import listen_url, parse_listen
-from apimart_async.testing import FakeApimart, Latency
+from apimart_async.testing import FakeApimart, Faults, Latency
 
 from .test_cli_batch import Ran, jobs, results, write_jobs
 from .test_cli_terminal import apimart, env
@@ -80,6 +80,28 @@ def test_pushed_results_end_the_jobs_with_almost_no_task_queries(
     listening = re.search(r"listening for webhooks on (http://127\.0\.0\.1:\d+)", ran.err)
     assert listening is not None and f"{PUBLIC}/<secret token>/callback" in ran.err
     assert all(task.webhook and task.webhook.startswith(PUBLIC) for task in pushed.tasks.values())
+
+
+def test_uncertain_jobs_of_a_webhook_run_are_resubmitted_with_webhooks(tmp_path: Path) -> None:
+    """Every answer lost after the service created the task: the jobs are uncertain.
+    Rerun with --resubmit-uncertain and the same webhook flags: each job is resent with
+    its journaled body (its webhook URL included) and key, and the service replays it."""
+    src = write_jobs(tmp_path / "jobs.jsonl", jobs(3))
+    out = str(tmp_path / "out")
+    hooks = ("--webhook-public-url", PUBLIC, "--webhook-listen", "127.0.0.1:0")
+    fake = FakeApimart(
+        latency=Latency.fast(), faults=Faults(drop_after_submit=1.0, only=("submit",))
+    )
+    first = cli("batch", str(src), "--out", out, "--progress", "off", *hooks, fake=fake)
+    assert first.code != 0 and fake.stats.tasks_created == 3
+    assert {r["status"] for r in results(Path(out))} == {"uncertain"}
+
+    fake.faults = Faults()
+    again = cli("batch", str(src), "--out", out, "--progress", "off", "--resubmit-uncertain",
+                *hooks, fake=fake)  # fmt: skip
+    assert again.code == 0, again.err
+    assert fake.stats.tasks_created == 3 and not fake.duplicate_keys()
+    assert {r["status"] for r in results(Path(out))} == {"done"}
 
 
 @BACKENDS

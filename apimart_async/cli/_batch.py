@@ -653,7 +653,8 @@ class _Run:
             request = _journaled_request(record.request_body)
             if request is not None:
                 self.plan_counts["resubmitted"] += 1
-                expect = canonical(json.loads(record.request_body))
+                # Compared as on_submit compares: without the webhook this run adds.
+                expect = canonical(self._job_body(record.request_body))
                 line = JobLine(job.line, job.id, request, job.fingerprint)
                 return self._active(line, record.idempotency_key, expect, None, record.generation)
         derived = derived_key(self.batch_id, job.id, job.request, record.generation)
