@@ -352,7 +352,7 @@ _BEFORE_ITS_TASK: frozenset[str] = frozenset({"pending", "submitting"})
 def _refuse_if_images_outrun(journal: Journal) -> None:
     """Refuse when the folder holds result images of jobs the journal does not know
     were submitted: a rerun trusting it would pay for them again."""
-    jobs = _image_jobs(journal.directory)
+    jobs = _images_by_job(journal.directory)
     states = journal.states(jobs)
     behind = sorted(j for j in jobs if states.get(j, "pending") in _BEFORE_ITS_TASK)
     if behind:
@@ -369,15 +369,15 @@ def _some(ids: Sequence[str]) -> str:
     return ", ".join(ids[:_MAX_LISTED]) + (" ..." if len(ids) > _MAX_LISTED else "")
 
 
-def _image_jobs(directory: Path) -> set[str]:
-    """The job ids that have result images (``<id>_<n>.<ext>``) in *directory*."""
-    jobs: set[str] = set()
+def _images_by_job(directory: Path) -> dict[str, list[str]]:
+    """The result images (``<id>_<n>.<ext>``) in *directory*, by job id."""
+    files: dict[str, list[str]] = {}
     with contextlib.suppress(OSError), os.scandir(directory) as entries:
         for entry in entries:
             match = _IMAGE.match(entry.name)
             if match is not None:
-                jobs.add(match[1])
-    return jobs
+                files.setdefault(match[1], []).append(entry.name)
+    return files
 
 
 def results_stamp(directory: Path) -> str | None:
@@ -390,12 +390,7 @@ def results_stamp(directory: Path) -> str | None:
 
 
 def _adopt_images(journal: Journal) -> int:
-    files: dict[str, list[str]] = {}
-    with contextlib.suppress(OSError):
-        for entry in journal.directory.iterdir():
-            match = _IMAGE.match(entry.name)
-            if match is not None:
-                files.setdefault(match[1], []).append(entry.name)
+    files = _images_by_job(journal.directory)
     count = 0
     for job_id, names in files.items():
         record = journal.get(job_id)
