@@ -31,13 +31,11 @@ from apimart_async import (
     TaskFailedError,
     TaskTimeoutError,
 )
-from apimart_async.cli._app import run
 from apimart_async.cli._errors import describe, explain, facts, gloss
-from apimart_async.cli._setup import Runtime
 from apimart_async.models import parse_request
 from apimart_async.testing import FakeApimart, Latency, Variants
 
-from .test_cli_batch import Ran, jobs, results, write_jobs
+from .test_cli_batch import cli, jobs, results, write_jobs
 from .test_cli_terminal import GEM, piped
 
 if TYPE_CHECKING:
@@ -62,13 +60,6 @@ PYTHON_ADVICE = (
 def speaks_cli(text: str) -> bool:
     """Whether *text* is free of Python-call advice."""
     return not any(advice in text for advice in PYTHON_ADVICE)
-
-
-def cli(*argv: str, fake: FakeApimart | None = None) -> Ran:
-    """Run the command line in process, with *fake* in place of the network."""
-    out, err = io.StringIO(), io.StringIO()
-    code = run(list(argv), runtime=Runtime(fake=fake), stdout=out, stderr=err)
-    return Ran(code, out.getvalue(), err.getvalue())
 
 
 def _unknown_model() -> Exception:

@@ -9,7 +9,6 @@ process on asyncio and trio.
 
 from __future__ import annotations
 
-import io
 import shlex
 import signal
 import subprocess
@@ -18,25 +17,16 @@ from pathlib import Path
 
 import pytest
 
-from apimart_async.cli._app import run
 from apimart_async.cli._args import FAKE_STATE_NAME
-from apimart_async.cli._setup import Runtime
 from apimart_async.testing import FakeApimart
 
-from .test_cli_batch import Ran, results
+from .test_cli_batch import cli, results
 from .test_cli_process import journal_rows, wait_for_submits
 from .test_cli_terminal import GEM, apimart, env, write_jobs
 
 posix = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 # Tasks of 0.6 s (30 service seconds at 1/50): long enough to catch them running.
 SLOW = ("--fake", "--fake-latency", "fixed:30", "--time-scale", "0.02")
-
-
-def cli(*argv: str) -> Ran:
-    """Run the command line in process (``--fake`` makes its own fake, as a user's)."""
-    out, err = io.StringIO(), io.StringIO()
-    code = run(list(argv), runtime=Runtime(), stdout=out, stderr=err)
-    return Ran(code, out.getvalue(), err.getvalue())
 
 
 def kept_state(folder: Path) -> FakeApimart:

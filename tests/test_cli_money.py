@@ -18,6 +18,7 @@ import pytest
 from apimart_async.testing import FakeApimart
 
 from .test_cli_batch import cli, jobs, results, write_jobs
+from .test_cli_fake_state import kept_state
 from .test_cli_terminal import GEM, piped
 
 FLUX = "flux-kontext-pro"
@@ -269,7 +270,7 @@ def test_fake_balance_402_then_top_up_through_the_installed_command(tmp_path: Pa
 
     assert second.code == 0, second.err
     assert json.loads(second.out)["counts"] == {"done": 12}
-    state = FakeApimart(state_path=out / ".apimart-fake-state.jsonl", record_requests=False)
+    state = kept_state(out)
     assert len(state.tasks) == 12
     keys = [task.idempotency_key for task in state.tasks.values()]
     assert len(set(keys)) == 12

@@ -12,7 +12,6 @@ the webhook never enters a job's idempotency key.
 from __future__ import annotations
 
 import contextlib
-import io
 import json
 import re
 import socket
@@ -24,12 +23,10 @@ from typing import TYPE_CHECKING
 import pytest
 from anyio.from_thread import start_blocking_portal
 
-from apimart_async.cli._app import run
-from apimart_async.cli._setup import Runtime
 from apimart_async.cli._webhook_server import listen_url, parse_listen
 from apimart_async.testing import FakeApimart, Faults, Latency
 
-from .test_cli_batch import Ran, jobs, results, write_jobs
+from .test_cli_batch import cli, jobs, results, write_jobs
 from .test_cli_terminal import apimart, env
 
 if TYPE_CHECKING:
@@ -38,13 +35,6 @@ if TYPE_CHECKING:
 PUBLIC = "https://hooks.example.com/apimart"
 BACKENDS = pytest.mark.parametrize("backend", ["asyncio", "trio"])
 pytest.importorskip("uvicorn")
-
-
-def cli(*argv: str, fake: FakeApimart | None = None) -> Ran:
-    """Run the command line in process, with *fake* in place of the network."""
-    out, err = io.StringIO(), io.StringIO()
-    code = run(list(argv), runtime=Runtime(fake=fake), stdout=out, stderr=err)
-    return Ran(code, out.getvalue(), err.getvalue())
 
 
 def realistic() -> FakeApimart:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -216,7 +217,7 @@ async def test_keys_are_trimmed_and_checked_without_being_shown(key: str, works:
         assert (await client.generate(model=GEM, prompt="x")).status.is_terminal
 
 
-async def test_a_look_alike_host_gets_nothing_of_a_borrowed_client() -> None:
+async def test_a_look_alike_host_gets_nothing_of_a_borrowed_client(tmp_path: Path) -> None:
     """Only requests the client builds for the API carry the borrowed client's
     headers and cookies; a result URL on a look-alike host carries none."""
     seen: list[httpx.Request] = []
@@ -234,9 +235,9 @@ async def test_a_look_alike_host_gets_nothing_of_a_borrowed_client() -> None:
     lookalike = "https://api.apimart.ai.evil.example/a.png"
     with_credentials = "https://api.apimart.ai@evil.example/b.png"
     async with borrowed, AsyncApimart(api_key=KEY, http_client=borrowed) as client:
-        await client.download([lookalike], "/tmp/apimart-lookalike-test")
+        await client.download([lookalike], tmp_path)
         with pytest.raises(am.APIResponseValidationError, match="credentials"):
-            await client.download([with_credentials], "/tmp/apimart-lookalike-test")
+            await client.download([with_credentials], tmp_path)
     assert len(seen) == 1
     for request in seen:
         assert "x-tenant-secret" not in request.headers and "cookie" not in request.headers

@@ -13,7 +13,6 @@ import logging
 from collections import Counter
 from typing import Any
 
-import anyio
 import httpx
 import pytest
 
@@ -22,7 +21,7 @@ from apimart_async.testing import FakeApimart, Latency, Webhooks
 from apimart_async.types import CompletedEvent, SubmittedEvent
 from apimart_async.webhooks import WebhookReceiver
 
-from .conftest import FAST_LIMITS, ClientFor
+from .conftest import FAST_LIMITS, ClientFor, until
 
 pytestmark = pytest.mark.anyio
 
@@ -158,9 +157,7 @@ async def test_leaving_early_then_late_pushes_disturb_nothing(
         async with client.generate_many(jobs(6), concurrency=6, webhook=receiver) as stream:
             async for _ in stream:
                 break
-        with anyio.fail_after(5):
-            while receiver.stats.received < 6:  # noqa: ASYNC110 - the fake's pace
-                await anyio.sleep(0.01)
+        await until(lambda: receiver.stats.received >= 6)
         orphans = client.orphaned_tasks()
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(orphans) == 5
