@@ -549,7 +549,6 @@ class _Run:
         self.plan_counts: Counter[str] = Counter()
         self.invalid = 0
         self.fatal: str | None = None
-        self.fatal_code = 1
         self.failure: JournalWriteError | None = None
         self.notes = 0
         self.progress: BatchProgress | None = None
@@ -811,7 +810,6 @@ class _Run:
             )
         if isinstance(error, _STOPS) and self.stop is None:
             self.stop = error
-            self.fatal_code = 2 if isinstance(error, AuthenticationError) else 1
             self._note(f"stopping: {text}")
             self._note(
                 "no further submits start; the jobs already submitted are waited for and downloaded"
@@ -830,7 +828,6 @@ class _Run:
         entries = list(lost)
         if self.failure is None:
             self.failure = exc
-            self.fatal_code = EXIT_JOURNAL_FAILED
             for active in self.active.values():
                 if active.task_id is not None or active.resume is not None:
                     task = active.task_id or active.resume
@@ -1181,8 +1178,8 @@ class _Run:
             code = EXIT_JOURNAL_FAILED
         elif stopped is not None:
             code = exit_status(stopped)
-        elif self.fatal is not None or self.stop is not None:
-            code = self.fatal_code
+        elif self.stop is not None:  # a budget, 402, 401 or 403 stopped the submits
+            code = 2 if isinstance(self.stop, AuthenticationError) else 1
         else:
             code = 0 if counts["done"] == summary.rows else 1
         report = self._report(summary, code)
