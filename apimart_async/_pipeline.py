@@ -77,14 +77,6 @@ __all__ = ["OutcomeStream", "Pipeline"]
 logger = logging.getLogger("apimart_async.pipeline")
 
 
-def _images_of(request: BaseImageRequest) -> int:
-    """How many images the request asks for (``n``, else 1)."""
-    n = getattr(request, "n", None)
-    if n is None and request.__pydantic_extra__:
-        n = request.__pydantic_extra__.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
-
-
 def _outcome(
     job: Job, task: Task | None, error: Exception | None = None, files: tuple[Any, ...] = ()
 ) -> Outcome:
@@ -435,7 +427,7 @@ class Pipeline:
             raise self._stopped()
         request = job.request
         assert request is not None
-        return request.model, _images_of(request)
+        return request.model, request.image_count()
 
     def check(self, job: Job) -> None:
         """``Gate``: right before sending, refuse if submitting stopped meanwhile."""

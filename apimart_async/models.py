@@ -534,6 +534,13 @@ class BaseImageRequest(BaseModel, metaclass=_RequestMeta):
                     body[key] = _json_copy(value)
         return body
 
+    def image_count(self) -> int:
+        """How many images the request asks for (``n``, else 1): what a budget counts."""
+        n = getattr(self, "n", None)
+        if n is None and self.__pydantic_extra__:
+            n = self.__pydantic_extra__.get("n")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+
     def local_images(self) -> list[tuple[int, Path | bytes]]:
         """``(position, source)`` of every entry that must be uploaded before submit."""
         return [

@@ -40,13 +40,12 @@ from ._setup import ClientOptions, UsageError, make_client
 
 if TYPE_CHECKING:
     from apimart_async import AccountBalance
-    from apimart_async.models import BaseImageRequest
 
     from ._batch import BatchSettings
     from ._setup import Runtime
     from ._ui import Ui
 
-__all__ = ["dry_run", "images_of"]
+__all__ = ["dry_run"]
 
 MAX_LISTED = 50
 
@@ -55,14 +54,6 @@ MAX_LISTED = 50
 class _Model:
     jobs: int = 0
     images: int = 0
-
-
-def images_of(request: BaseImageRequest) -> int:
-    """How many images *request* asks for (``n``, else 1), as a budget counts them."""
-    n: object = getattr(request, "n", None)
-    if n is None and request.model_extra:
-        n = request.model_extra.get("n")
-    return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
 
 
 def dry_run(
@@ -135,7 +126,7 @@ def _count(settings: BatchSettings, ui: Ui) -> tuple[dict[str, _Model], int]:
         request = item.request
         entry = models.setdefault(request.model, _Model())
         entry.jobs += 1
-        entry.images += images_of(request)
+        entry.images += request.image_count()
     if invalid > MAX_LISTED:
         ui.info(f"... and {invalid - MAX_LISTED} more invalid lines")
     return models, invalid
