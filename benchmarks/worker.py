@@ -68,34 +68,15 @@ async def serve_receiver(public_url: str, port: int) -> AsyncGenerator[WebhookRe
     maps the public URL to this port). Serving on the client's own loop means a push is
     handed to the waiting job directly, and its cost is part of the client's CPU.
     """
-    import uvicorn
-
+    from apimart_async.cli._webhook_server import serving
+    from apimart_async.testing._sockets import bind
     from apimart_async.webhooks import WebhookReceiver
 
     receiver = WebhookReceiver(public_url=public_url)
-    config = uvicorn.Config(
-        receiver,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        access_log=False,
-        lifespan="off",
-        ws="none",
-        server_header=False,
-        date_header=False,
-    )
-    server = uvicorn.Server(config)
-    serving = asyncio.ensure_future(server.serve())
-    try:
-        while not server.started:
-            if serving.done():
-                serving.result()  # raises why it stopped (port taken, ...)
-                raise RuntimeError(f"the webhook receiver did not start on port {port}")
-            await asyncio.sleep(0.01)
-        yield receiver
-    finally:
-        server.should_exit = True
-        await serving
+    # The CLI's listener (what `apimart batch --webhook-listen` runs), on this loop.
+    with bind("127.0.0.1", port) as sock:
+        async with serving(receiver, sock, backend="asyncio"):
+            yield receiver
 
 
 def fake_admin(base_url: str, path: str, method: str = "GET") -> Any:
