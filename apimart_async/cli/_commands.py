@@ -57,6 +57,7 @@ if TYPE_CHECKING:
     from ._ui import Ui
 
 __all__ = [
+    "balance_fields",
     "balance_text",
     "build_request",
     "cmd_balance",
@@ -361,23 +362,24 @@ def balance_text(balance: AccountBalance) -> str:
     return f"{left} {unit} left{used}"
 
 
+def balance_fields(balance: AccountBalance) -> dict[str, Any]:
+    """A balance as the JSON outputs show it."""
+    return {
+        "remaining": balance.remaining,
+        "used": balance.used,
+        "unlimited": balance.unlimited,
+        "unit": balance.unit,
+    }
+
+
 async def _balance(client: AsyncApimart, args: argparse.Namespace, ui: Ui) -> int:
     async with client:
 
         async def body() -> None:
             balance = await client.balance(account=args.account)
             if args.json:
-                ui.result(
-                    json.dumps(
-                        {
-                            "scope": "account" if args.account else "key",
-                            "remaining": balance.remaining,
-                            "used": balance.used,
-                            "unlimited": balance.unlimited,
-                            "unit": balance.unit,
-                        }
-                    )
-                )
+                scope = "account" if args.account else "key"
+                ui.result(json.dumps({"scope": scope, **balance_fields(balance)}))
             else:
                 ui.result(f"{'account' if args.account else 'key'}: {balance_text(balance)}")
 

@@ -34,6 +34,7 @@ import anyio
 
 from apimart_async import ApimartError
 
+from ._commands import balance_fields, balance_text
 from ._errors import describe
 from ._jobfile import JobLine, LineError, check_every_line
 from ._setup import ClientOptions, UsageError, make_client
@@ -84,7 +85,7 @@ def dry_run(
         if estimate is not None:
             ui.result(f"estimated cost: {estimate:.2f} USD")
         if balance is not None:
-            ui.result(f"balance: {_balance_text(balance)}")
+            ui.result(f"balance: {balance_text(balance)}")
     if unpriced:
         shown = ", ".join(unpriced)
         ui.info(f"no estimated cost: no --price for {shown} (add --price MODEL=USD per image)")
@@ -158,12 +159,6 @@ def _balance(
         return None
 
 
-def _balance_text(balance: AccountBalance) -> str:
-    from ._commands import balance_text
-
-    return balance_text(balance)
-
-
 def _limits(
     settings: BatchSettings, models: dict[str, _Model], estimate: float | None, ui: Ui
 ) -> None:
@@ -204,12 +199,5 @@ def _report(
             for model, entry in models.items()
         ],
         "estimated_cost": round(estimate, 6) if estimate is not None else None,
-        "balance": None
-        if balance is None
-        else {
-            "remaining": balance.remaining,
-            "used": balance.used,
-            "unlimited": balance.unlimited,
-            "unit": balance.unit,
-        },
+        "balance": None if balance is None else balance_fields(balance),
     }
