@@ -133,7 +133,7 @@ from ._signals import exit_status, interruptible
 
 if TYPE_CHECKING:
     import argparse
-    from collections.abc import AsyncIterator, Callable, Sequence
+    from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 
     from anyio.abc import TaskGroup
 
@@ -241,6 +241,14 @@ class BatchSettings:
     def folder(self) -> Path:
         """Where this run's journal, results and images go."""
         return self.out / self.shard.folder if self.shard is not None else self.out
+
+    def check_every_line(self) -> Iterator[JobLine | LineError | LineRef]:
+        """Every line of the file (of this shard) checked ahead of a run."""
+        return check_every_line(
+            self.jobs_path,
+            allow_unknown=self.allow_unknown,
+            wants=self.shard.owns if self.shard is not None else None,
+        )
 
 
 @dataclass(slots=True)
@@ -419,13 +427,8 @@ def _prepare_file(settings: BatchSettings) -> tuple[str, int]:
 
 def _strict_check(settings: BatchSettings, ui: Ui) -> None:
     """--strict: check every line (of this shard) before anything else; stop if any is bad."""
-    lines = check_every_line(
-        settings.jobs_path,
-        allow_unknown=settings.allow_unknown,
-        wants=settings.shard.owns if settings.shard is not None else None,
-    )
     bad = 0
-    for item in lines:
+    for item in settings.check_every_line():
         if isinstance(item, LineError):
             bad += 1
             ui.info(str(item))

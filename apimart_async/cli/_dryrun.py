@@ -36,7 +36,7 @@ from apimart_async import ApimartError
 
 from ._commands import balance_fields, balance_text
 from ._errors import describe
-from ._jobfile import JobLine, LineError, check_every_line
+from ._jobfile import JobLine, LineError
 from ._setup import ClientOptions, UsageError, make_client
 
 if TYPE_CHECKING:
@@ -111,12 +111,7 @@ def dry_run(
 def _count(settings: BatchSettings, ui: Ui) -> tuple[dict[str, _Model], int]:
     models: dict[str, _Model] = {}
     invalid = 0
-    lines = check_every_line(
-        settings.jobs_path,
-        allow_unknown=settings.allow_unknown,
-        wants=settings.shard.owns if settings.shard is not None else None,
-    )
-    for item in lines:
+    for item in settings.check_every_line():
         if isinstance(item, LineError):
             invalid += 1
             if invalid <= MAX_LISTED:
