@@ -476,8 +476,10 @@ async def test_submit_outliving_its_shield_is_reported_uncertain(handler_kind: s
     client = AsyncApimart(
         api_key=KEY, transport=fake.transport(), poll=FAST_POLL, submit_shield=0.2
     )
-    async with client:
-        with anyio.move_on_after(0.05) as scope:
+    async with client, anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+        tg.start_soon(cancel_when, scope, lambda: fake.stats.submits >= 1)
+        with scope:
             await client.generate(model=GEM, prompt="x", on_event=handler)
         assert scope.cancelled_caught
     assert fake.stats.tasks_created == 1 and fake.stats.in_flight == 0
@@ -495,8 +497,10 @@ async def test_many_submit_outliving_its_shield_is_reported_uncertain(handler_ki
     client = AsyncApimart(
         api_key=KEY, transport=fake.transport(), poll=FAST_POLL, submit_shield=0.2
     )
-    async with client:
-        with anyio.move_on_after(0.05):
+    async with client, anyio.create_task_group() as tg:
+        scope = anyio.CancelScope()
+        tg.start_soon(cancel_when, scope, lambda: fake.stats.submits >= 3)
+        with scope:
             items = [{"model": GEM, "prompt": f"p{i}"} for i in range(3)]
             async with client.generate_many(items, concurrency=3, on_event=handler) as stream:
                 async for _ in stream:
@@ -506,6 +510,13 @@ async def test_many_submit_outliving_its_shield_is_reported_uncertain(handler_ki
     assert [type(e.error) for e in uncertain] == [am.SubmissionUncertainError]
     assert uncertain[0].job is not None
     assert unknown_tasks(fake, seen) == []
+
+
+async def cancel_when(scope: anyio.CancelScope, sent: Callable[[], bool]) -> None:
+    """Cancel *scope* once *sent()* (the submits are on the wire), not after a fixed
+    time: on a loaded machine they may take longer to leave."""
+    await until(sent)
+    scope.cancel()
 
 
 def _recorder(kind: str) -> tuple[list[am.Event], Callable[[am.Event], Any]]:
